@@ -1,0 +1,498 @@
+"""`ReproqBackend`: the Django Tasks backend (validate, enqueue, bulk_enqueue, get_result).
+
+Enqueue is one SQL statement per batch (`reproq.sql.ENQUEUE`): insert, dedup against the partial
+unique index, and NOTIFY each queue, all in the caller's transaction when `enqueue` runs inside
+`transaction.atomic()`. `aenqueue` / `aget_result` use a native psycopg async pool (no thread
+hop); `aenqueue` therefore commits on its own, immediately (see docs/enqueue.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.core import checks
+from django.db import connections
+from django.tasks import Task, TaskResultStatus
+from django.tasks.backends.base import BaseTaskBackend
+from django.tasks.base import TaskError
+from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
+from django.tasks.signals import task_enqueued
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from . import payload, sql
+from .concurrency import resolve_key, rule_for
+from .conf import (
+    QUEUE_NAME_RE,
+    BackendOptions,
+    aging_factor_us,
+    current_runtime_settings,
+    parse_backend_options,
+)
+from .exceptions import InvalidEnqueue
+from .results import ReproqTask, ReproqTaskResult, copy_task_unvalidated
+from .states import RawStatus, to_django_status
+
+RESERVED_KWARGS = ("run_after", "lock_key", "priority", "concurrency_key", "concurrency_limit")
+MAX_BATCH = 10_000
+MAX_KEY_LENGTH = 255
+
+
+@dataclass
+class EnqueueSpec:
+    """One validated, encoded task call, ready for the ENQUEUE statement."""
+
+    task: Task
+    args: list[Any]
+    kwargs: dict[str, Any]
+    enc_args: str
+    enc_kwargs: str
+    spec_hash: str | None
+    priority: int
+    run_after: datetime | None
+    delay: float | None
+    lock_key: str | None
+    concurrency_key: str | None
+    concurrency_limit: int | None
+    max_attempts: int
+    timeout: int
+    expires_in: float | None
+
+
+_reserved_params_checked: dict[Callable[..., Any], str | None] = {}
+
+
+def _reserved_param_clash(func: Callable[..., Any]) -> str | None:
+    if func not in _reserved_params_checked:
+        try:
+            params = inspect.signature(func).parameters
+        except (TypeError, ValueError):
+            params = {}
+        clash = next((name for name in RESERVED_KWARGS if name in params), None)
+        _reserved_params_checked[func] = clash
+    return _reserved_params_checked[func]
+
+
+def _missing_task(*args: Any, **kwargs: Any) -> None:
+    """Stands in for a stored task path that no longer imports."""
+    raise LookupError("the task function of this run cannot be imported")
+
+
+class ReproqBackend(BaseTaskBackend):
+    task_class = ReproqTask
+    supports_defer = True
+    supports_async_task = True
+    supports_get_result = True
+    supports_priority = True
+
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
+        super().__init__(alias, params)
+        self._parsed: tuple[BackendOptions, list[Any]] | None = None
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def reproq_options(self) -> BackendOptions:
+        if self._parsed is None:
+            self._parsed = parse_backend_options(self.alias, self.options)
+        return self._parsed[0]
+
+    @property
+    def database(self) -> str:
+        return self.reproq_options.database
+
+    def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
+        from django.apps import apps
+
+        from .conf import validate_queues
+
+        messages: list[checks.CheckMessage] = []
+        _, problems = parse_backend_options(self.alias, self.options)
+        problems += validate_queues(self.alias, list(self.queues))
+        for problem in problems:
+            messages.append(checks.Error(f"{problem.setting}: {problem.message}",
+                                         hint=problem.hint, id="reproq.E001"))
+        if not apps.is_installed("reproq"):
+            messages.append(checks.Error("reproq is not in INSTALLED_APPS",
+                                         hint='add "reproq" to INSTALLED_APPS', id="reproq.E002"))
+        db = self.reproq_options.database
+        if db in connections and connections[db].vendor != "postgresql":
+            messages.append(checks.Error(
+                f"reproq needs PostgreSQL; DATABASES[{db!r}] is {connections[db].vendor}",
+                hint="point the backend's OPTIONS['DATABASE'] at a PostgreSQL database",
+                id="reproq.E003"))
+        return messages
+
+    # ------------------------------------------------------------------ validation
+    def validate_task(self, task: Task) -> None:
+        super().validate_task(task)
+        if not QUEUE_NAME_RE.match(task.queue_name):
+            raise InvalidTask(f"Queue name {task.queue_name!r} is invalid: use 1-64 characters "
+                              "from letters, digits, _ . : -")
+        if isinstance(task.priority, bool) or int(task.priority) != task.priority:
+            raise InvalidTask(f"priority must be an int, got {task.priority!r}")
+        clash = _reserved_param_clash(task.func)
+        if clash:
+            raise InvalidTask(
+                f"{task.module_path} has a parameter named {clash!r}, which reproq reserves as an "
+                f"enqueue option ({', '.join(RESERVED_KWARGS)}); rename the parameter")
+        if isinstance(task, ReproqTask):
+            for name in ("max_attempts", "timeout_seconds"):
+                value = getattr(task, name)
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                          or value < 1):
+                    raise InvalidTask(f"{name} must be an int >= 1, got {value!r}")
+            if task.dedup is not None and not isinstance(task.dedup, bool):
+                raise InvalidTask(f"dedup must be True or False, got {task.dedup!r}")
+            if task.expires_in is not None and (not isinstance(task.expires_in, timedelta)
+                                                or task.expires_in <= timedelta(0)):
+                raise InvalidTask(f"expires_in must be a positive timedelta, "
+                                  f"got {task.expires_in!r}")
+
+    # ------------------------------------------------------------------ enqueue
+    def prepare(self, task: Task, args: Sequence[Any], kwargs: dict[str, Any]) -> EnqueueSpec:
+        """Validate and encode one call; raise before anything touches the database."""
+        self.validate_task(task)
+        if task.backend != self.alias:
+            raise InvalidTask(f"task {task.module_path} uses backend {task.backend!r}, "
+                              f"not {self.alias!r}")
+        kwargs = dict(kwargs)
+        reserved = {name: kwargs.pop(name) for name in RESERVED_KWARGS if name in kwargs}
+        opts = self.reproq_options
+
+        priority = reserved.get("priority", task.priority)
+        if (not isinstance(priority, int) or isinstance(priority, bool)
+                or not -100 <= priority <= 100):
+            raise InvalidEnqueue(f"priority must be an int from -100 to 100, got {priority!r}")
+
+        run_after: datetime | None = task.run_after
+        delay: float | None = None
+        if "run_after" in reserved:
+            value = reserved["run_after"]
+            if value is None:
+                run_after = None
+            elif isinstance(value, timedelta):
+                run_after, delay = None, max(value.total_seconds(), 0.0)
+            elif isinstance(value, datetime):
+                if timezone.is_naive(value):
+                    raise InvalidEnqueue(
+                        f"run_after must be an aware datetime, got naive {value!r}; use "
+                        "django.utils.timezone.now() + timedelta(...) or pass a timedelta")
+                run_after = value
+            else:
+                raise InvalidEnqueue("run_after must be an aware datetime or a timedelta, "
+                                     f"got {type(value).__name__}")
+
+        lock_key = reserved.get("lock_key")
+        if lock_key is not None and (not isinstance(lock_key, str) or not lock_key
+                                     or len(lock_key) > MAX_KEY_LENGTH):
+            raise InvalidEnqueue(f"lock_key must be a non-empty str of at most {MAX_KEY_LENGTH} "
+                                 f"characters, got {lock_key!r}")
+
+        conc_key: str | None = None
+        conc_limit: int | None = None
+        if "concurrency_key" in reserved or "concurrency_limit" in reserved:
+            raw_key = reserved.get("concurrency_key")
+            conc_limit = reserved.get("concurrency_limit")
+            if raw_key is None or conc_limit is None:
+                raise InvalidEnqueue("concurrency_key and concurrency_limit go together")
+            if not (isinstance(raw_key, str) and raw_key) and not callable(raw_key):
+                raise InvalidEnqueue("concurrency_key must be a non-empty str or a callable of "
+                                     f"the task's arguments, got {raw_key!r}")
+            if (not isinstance(conc_limit, int) or isinstance(conc_limit, bool)
+                    or conc_limit < 0):
+                raise InvalidEnqueue(f"concurrency_limit must be an int >= 0, got {conc_limit!r}")
+            try:
+                conc_key = resolve_key(raw_key, args, kwargs)
+            except Exception as exc:
+                raise InvalidEnqueue(f"concurrency_key could not be computed: {exc}") from exc
+        else:
+            rule = rule_for(task.module_path)
+            if rule is not None:
+                try:
+                    conc_key = rule.resolve_key(args, kwargs)
+                except Exception as exc:
+                    raise InvalidEnqueue(
+                        f"the limits_concurrency key of {task.module_path} could not be "
+                        f"computed: {exc}") from exc
+                conc_limit = rule.limit
+        if conc_key is not None and len(conc_key) > MAX_KEY_LENGTH:
+            raise InvalidEnqueue(f"concurrency key is longer than {MAX_KEY_LENGTH} characters")
+
+        enc_args, enc_kwargs = payload.encode_call(args, kwargs)
+        dedup = opts.dedup_active
+        max_attempts, timeout, expires = opts.max_attempts, opts.timeout_seconds, opts.expires_in
+        if isinstance(task, ReproqTask):
+            dedup = opts.dedup_active if task.dedup is None else task.dedup
+            max_attempts = task.max_attempts or max_attempts
+            timeout = task.timeout_seconds or timeout
+            expires = task.expires_in or expires
+        digest = (payload.spec_hash(self.alias, task.module_path, task.queue_name, enc_args,
+                                    enc_kwargs) if dedup else None)
+        return EnqueueSpec(
+            task=task if priority == task.priority else copy_task_unvalidated(
+                task, priority=priority),
+            args=list(args), kwargs=kwargs,
+            enc_args=payload.dumps(enc_args), enc_kwargs=payload.dumps(enc_kwargs),
+            spec_hash=digest, priority=priority, run_after=run_after, delay=delay,
+            lock_key=lock_key, concurrency_key=conc_key, concurrency_limit=conc_limit,
+            max_attempts=max_attempts, timeout=timeout,
+            expires_in=expires.total_seconds() if expires else None,
+        )
+
+    def _params(self, specs: Sequence[EnqueueSpec]) -> dict[str, Any]:
+        opts = self.reproq_options
+        return {
+            "ord": list(range(len(specs))),
+            "task_path": [s.task.module_path for s in specs],
+            "queue_name": [s.task.queue_name for s in specs],
+            "priority": [s.priority for s in specs],
+            "args": [s.enc_args for s in specs],
+            "kwargs": [s.enc_kwargs for s in specs],
+            "spec_hash": [s.spec_hash for s in specs],
+            "run_after": [s.run_after for s in specs],
+            "delay": [s.delay for s in specs],
+            "lock_key": [s.lock_key for s in specs],
+            "concurrency_key": [s.concurrency_key for s in specs],
+            "concurrency_limit": [s.concurrency_limit for s in specs],
+            "max_attempts": [s.max_attempts for s in specs],
+            "timeout": [s.timeout for s in specs],
+            "expires_in": [s.expires_in for s in specs],
+            "backend": self.alias,
+            "aging_us": aging_factor_us(current_runtime_settings().priority_aging_factor),
+            "code_ref": opts.code_ref,
+            "pip_lock_hash": opts.pip_lock_hash,
+        }
+
+    def _new_result(self, spec: EnqueueSpec, row: dict[str, Any]) -> ReproqTaskResult:
+        task = spec.task
+        if row["run_after"] > row["enqueued_at"] and task.run_after != row["run_after"]:
+            task = copy_task_unvalidated(task, run_after=row["run_after"])
+        return ReproqTaskResult(
+            task=task, id=str(row["id"]), status=TaskResultStatus.READY,
+            enqueued_at=row["enqueued_at"], started_at=None, finished_at=None,
+            last_attempted_at=None, args=spec.args, kwargs=spec.kwargs, backend=self.alias,
+            errors=[], worker_ids=[], raw_status=row["status"],
+        )
+
+    def _assemble(
+        self, specs: Sequence[EnqueueSpec], rows: list[dict[str, Any]],
+        existing: dict[str, dict[str, Any]],
+    ) -> tuple[list[ReproqTaskResult | None], list[ReproqTaskResult]]:
+        """Results in input order (None where the duplicate vanished) and the new ones."""
+        results: list[ReproqTaskResult | None] = []
+        fresh: list[ReproqTaskResult] = []
+        first_in_batch: dict[str, ReproqTaskResult] = {}
+        for spec, row in zip(specs, rows, strict=True):
+            if row["id"] is not None:
+                result = self._new_result(spec, row)
+                fresh.append(result)
+                if spec.spec_hash:
+                    first_in_batch.setdefault(spec.spec_hash, result)
+            elif spec.spec_hash in first_in_batch:
+                result = first_in_batch[spec.spec_hash]
+            elif spec.spec_hash in existing:
+                result = self._row_to_result(existing[spec.spec_hash], args=spec.args,
+                                             kwargs=spec.kwargs)
+            else:
+                result = None
+            results.append(result)
+        return results, fresh
+
+    def enqueue(self, task: Task, args: Sequence[Any], kwargs: dict[str, Any]) -> ReproqTaskResult:
+        return self.bulk_enqueue([(task, args, kwargs)])[0]
+
+    def bulk_enqueue(
+        self, calls: Iterable[tuple[Task, Sequence[Any], dict[str, Any]]]
+    ) -> list[ReproqTaskResult]:
+        """Enqueue many calls with one INSERT per 10,000; results come back in input order."""
+        specs = [self.prepare(task, args, kwargs) for task, args, kwargs in calls]
+        out: list[ReproqTaskResult] = []
+        for start in range(0, len(specs), MAX_BATCH):
+            out.extend(self._enqueue_batch_sync(specs[start:start + MAX_BATCH]))
+        return out
+
+    def _enqueue_batch_sync(self, specs: list[EnqueueSpec]) -> list[ReproqTaskResult]:
+        results: list[ReproqTaskResult | None] = [None] * len(specs)
+        pending = list(range(len(specs)))
+        with connections[self.database].cursor() as cursor:
+            for _ in range(5):
+                batch = [specs[i] for i in pending]
+                cursor.execute(sql.ENQUEUE, self._params(batch))
+                rows = _dict_rows(cursor)
+                existing: dict[str, dict[str, Any]] = {}
+                missing = {s.spec_hash for s, r in zip(batch, rows, strict=True)
+                           if r["id"] is None and s.spec_hash}
+                if missing:
+                    cursor.execute(sql.ACTIVE_BY_SPEC, {"hashes": sorted(missing)})
+                    existing = {r["spec_hash"]: r for r in _dict_rows(cursor)}
+                got, fresh = self._assemble(batch, rows, existing)
+                for result in fresh:
+                    task_enqueued.send(sender=type(self), task_result=result)
+                for i, result in zip(pending, got, strict=True):
+                    results[i] = result
+                pending = [i for i in pending if results[i] is None]
+                if not pending:
+                    break
+        if pending:
+            raise RuntimeError("reproq could not enqueue after repeated dedup races")
+        return results  # type: ignore[return-value]
+
+    async def aenqueue(
+        self, task: Task, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> ReproqTaskResult:
+        return (await self.abulk_enqueue([(task, args, kwargs)]))[0]
+
+    async def abulk_enqueue(
+        self, calls: Iterable[tuple[Task, Sequence[Any], dict[str, Any]]]
+    ) -> list[ReproqTaskResult]:
+        """Async enqueue on reproq's psycopg pool: its own transaction, committed at once."""
+        from .db import get_pool
+
+        specs = [self.prepare(task, args, kwargs) for task, args, kwargs in calls]
+        pool = await get_pool(self.database)
+        out: list[ReproqTaskResult] = []
+        for start in range(0, len(specs), MAX_BATCH):
+            chunk = specs[start:start + MAX_BATCH]
+            results: list[ReproqTaskResult | None] = [None] * len(chunk)
+            pending = list(range(len(chunk)))
+            async with pool.connection() as conn:
+                for _ in range(5):
+                    batch = [chunk[i] for i in pending]
+                    cur = await conn.execute(sql.ENQUEUE, self._params(batch))
+                    rows = await cur.fetchall()
+                    existing: dict[str, dict[str, Any]] = {}
+                    missing = {s.spec_hash for s, r in zip(batch, rows, strict=True)
+                               if r["id"] is None and s.spec_hash}
+                    if missing:
+                        cur = await conn.execute(sql.ACTIVE_BY_SPEC, {"hashes": sorted(missing)})
+                        existing = {r["spec_hash"]: r for r in await cur.fetchall()}
+                    got, fresh = self._assemble(batch, rows, existing)
+                    for result in fresh:
+                        await task_enqueued.asend(sender=type(self), task_result=result)
+                    for i, result in zip(pending, got, strict=True):
+                        results[i] = result
+                    pending = [i for i in pending if results[i] is None]
+                    if not pending:
+                        break
+            if pending:
+                raise RuntimeError("reproq could not enqueue after repeated dedup races")
+            out.extend(results)  # type: ignore[arg-type]
+        return out
+
+    # ------------------------------------------------------------------ results
+    @staticmethod
+    def _parse_id(result_id: Any) -> int:
+        text = str(result_id)
+        if not text.isascii() or not text.isdigit() or len(text) > 18:
+            raise TaskResultDoesNotExist(result_id)
+        return int(text)
+
+    def get_result(self, result_id: str) -> ReproqTaskResult:
+        pk = self._parse_id(result_id)
+        with connections[self.database].cursor() as cursor:
+            cursor.execute(sql.GET_RESULT, {"id": pk})
+            rows = _dict_rows(cursor)
+        if not rows:
+            raise TaskResultDoesNotExist(result_id)
+        return self._row_to_result(rows[0])
+
+    async def aget_result(self, result_id: str) -> ReproqTaskResult:
+        from asgiref.sync import sync_to_async
+
+        from .db import get_pool
+
+        pk = self._parse_id(result_id)
+        pool = await get_pool(self.database)
+        async with pool.connection() as conn:
+            cur = await conn.execute(sql.GET_RESULT, {"id": pk})
+            row = await cur.fetchone()
+        if row is None:
+            raise TaskResultDoesNotExist(result_id)
+        if _has_model_refs(row):
+            return await sync_to_async(self._row_to_result)(row)
+        return self._row_to_result(row, load=None)
+
+    def _task_for_row(self, row: dict[str, Any]) -> Task:
+        deferred = row["run_after"] if row["run_after"] > row["enqueued_at"] else None
+        try:
+            task = import_string(row["task_path"])
+        except Exception:
+            task = None
+        if not isinstance(task, Task):
+            task = object.__new__(ReproqTask)
+            for name, value in {"func": _missing_task, "takes_context": False,
+                                "max_attempts": None, "timeout_seconds": None, "dedup": None,
+                                "expires_in": None}.items():
+                object.__setattr__(task, name, value)
+        return copy_task_unvalidated(task, priority=row["priority"],
+                                     queue_name=row["queue_name"], run_after=deferred,
+                                     backend=self.alias)
+
+    def _row_to_result(
+        self, row: dict[str, Any], *, args: list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None, load: Any = payload.load_model,
+    ) -> ReproqTaskResult:
+        raw = row["status"]
+        if args is None or kwargs is None:
+            args, kwargs = _decode_call(row, load)
+        errors = [
+            TaskError(exception_class_path=str(e.get("exception_class_path", "")),
+                      traceback=str(e.get("traceback", "")))
+            for e in (row["errors"] or []) if isinstance(e, dict)
+        ]
+        result = ReproqTaskResult(
+            task=self._task_for_row(row), id=str(row["id"]), status=to_django_status(raw),
+            enqueued_at=row["enqueued_at"], started_at=row["started_at"],
+            finished_at=row["finished_at"], last_attempted_at=row["last_attempted_at"],
+            args=args, kwargs=kwargs, backend=self.alias, errors=errors,
+            worker_ids=[str(w) for w in (row["worker_ids"] or []) if w is not None],
+            raw_status=raw, status_reason=row["status_reason"] or "",
+            metadata=row["metadata"] if isinstance(row["metadata"], dict) else {},
+        )
+        if raw == RawStatus.SUCCESSFUL:
+            try:
+                value = payload.decode(row["return_value"], load)
+            except Exception:
+                value = row["return_value"]
+            object.__setattr__(result, "_return_value", value)
+        return result
+
+
+def _decode_call(row: dict[str, Any], load: Any) -> tuple[list[Any], dict[str, Any]]:
+    """Stored args/kwargs as the task will see them; a damaged payload is shown as stored."""
+    raw_args, raw_kwargs = row["args"], row["kwargs"]
+    try:
+        args = payload.decode(raw_args, load)
+        kwargs = payload.decode(raw_kwargs, load)
+    except Exception:
+        return (raw_args if isinstance(raw_args, list) else [raw_args],
+                raw_kwargs if isinstance(raw_kwargs, dict) else {"": raw_kwargs})
+    if not isinstance(args, list):
+        args = [args]
+    if not isinstance(kwargs, dict):
+        kwargs = {"": kwargs}
+    return args, kwargs
+
+
+def _has_model_refs(row: dict[str, Any]) -> bool:
+    text = json.dumps([row["args"], row["kwargs"], row["return_value"]])
+    return '"model"' in text and payload.MARK in text
+
+
+JSON_COLUMNS = frozenset({"args", "kwargs", "worker_ids", "errors", "return_value", "metadata"})
+
+
+def _dict_rows(cursor: Any) -> list[dict[str, Any]]:
+    """Rows of a Django cursor as dicts; Django hands jsonb over as text, so parse it here."""
+    names = [col[0] for col in cursor.description]
+    rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    for row in rows:
+        for name in JSON_COLUMNS.intersection(row):
+            if isinstance(row[name], str):
+                row[name] = json.loads(row[name])
+    return rows

@@ -1,0 +1,331 @@
+"""Every reproq setting in one place: defaults, Django settings, environment variables, validation.
+
+Precedence (lowest first): built-in defaults < ``settings.TASKS[alias]["OPTIONS"]`` /
+``settings.REPROQ_RUNTIME`` < ``REPROQ_*`` environment variables < command-line flags (passed as
+``overrides``). `explain_runtime()` reports where each value came from. Validation returns
+readable problems (what is wrong and what to write instead); system checks and runtime startup
+both use it, so a bad value stops `manage.py check`, `migrate` and every server's startup.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+BACKEND_PATH = "reproq.backend.ReproqBackend"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One invalid setting: what is wrong and what to write instead."""
+
+    setting: str
+    message: str
+    hint: str
+
+    def __str__(self) -> str:
+        return f"{self.setting}: {self.message} ({self.hint})"
+
+
+# --------------------------------------------------------------------------- backend OPTIONS
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Validated ``TASKS[alias]["OPTIONS"]`` of a reproq backend."""
+
+    database: str = "default"
+    dedup_active: bool = True
+    timeout_seconds: int = 900
+    max_attempts: int = 3
+    expires_in: timedelta | None = None
+    code_ref: str = ""
+    pip_lock_hash: str = ""
+    retry_base_seconds: float = 30.0
+    retry_max_seconds: float = 3600.0
+    retry_jitter: float = 0.1
+
+
+_OPTION_KEYS = {
+    "DATABASE": "database",
+    "DEDUP_ACTIVE": "dedup_active",
+    "TIMEOUT_SECONDS": "timeout_seconds",
+    "MAX_ATTEMPTS": "max_attempts",
+    "EXPIRES_IN": "expires_in",
+    "CODE_REF": "code_ref",
+    "PIP_LOCK_HASH": "pip_lock_hash",
+    "RETRY_BASE_SECONDS": "retry_base_seconds",
+    "RETRY_MAX_SECONDS": "retry_max_seconds",
+    "RETRY_JITTER": "retry_jitter",
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def parse_backend_options(alias: str, raw: Any) -> tuple[BackendOptions, list[Problem]]:
+    """Validate OPTIONS; return the options (defaults where invalid) and the problems found."""
+    where = f'TASKS["{alias}"]["OPTIONS"]'
+    problems: list[Problem] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        return BackendOptions(), [Problem(where, f"must be a dict, got {type(raw).__name__}",
+                                          'write "OPTIONS": {"MAX_ATTEMPTS": 3, ...}')]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = _OPTION_KEYS.get(key)
+        if name is None:
+            problems.append(Problem(f"{where}[{key!r}]", "is not a reproq option",
+                                    "use one of " + ", ".join(sorted(_OPTION_KEYS))))
+            continue
+        values[name] = value
+    opts = BackendOptions()
+    checks: list[tuple[str, bool, str]] = [
+        ("database", isinstance(values.get("database", "default"), str),
+         'a DATABASES alias such as "default"'),
+        ("dedup_active", isinstance(values.get("dedup_active", True), bool), "True or False"),
+        ("timeout_seconds", _positive_int(values.get("timeout_seconds", 900)),
+         "a whole number of seconds > 0, e.g. 900"),
+        ("max_attempts", _positive_int(values.get("max_attempts", 3)),
+         "a whole number >= 1, e.g. 3"),
+        ("expires_in", values.get("expires_in") is None
+         or (isinstance(values["expires_in"], timedelta) and values["expires_in"] > timedelta(0)),
+         "None or a positive datetime.timedelta, e.g. timedelta(hours=1)"),
+        ("code_ref", isinstance(values.get("code_ref", ""), str), 'a string such as a git sha'),
+        ("pip_lock_hash", isinstance(values.get("pip_lock_hash", ""), str), "a string"),
+        ("retry_base_seconds", _is_number(values.get("retry_base_seconds", 30))
+         and values.get("retry_base_seconds", 30) >= 0, "a number of seconds >= 0, e.g. 30"),
+        ("retry_max_seconds", _is_number(values.get("retry_max_seconds", 3600))
+         and values.get("retry_max_seconds", 3600) > 0, "a number of seconds > 0, e.g. 3600"),
+        ("retry_jitter", _is_number(values.get("retry_jitter", 0.1))
+         and 0 <= values.get("retry_jitter", 0.1) <= 1, "a fraction between 0 and 1, e.g. 0.1"),
+    ]
+    good: dict[str, Any] = {}
+    reverse = {v: k for k, v in _OPTION_KEYS.items()}
+    for name, ok, hint in checks:
+        if name not in values:
+            continue
+        if ok:
+            good[name] = values[name]
+        else:
+            problems.append(Problem(f"{where}[{reverse[name]!r}]",
+                                    f"{values[name]!r} is not valid", f"write {hint}"))
+    if "database" in good and good["database"] not in settings.DATABASES:
+        problems.append(Problem(f"{where}['DATABASE']", f"{good['database']!r} is not in DATABASES",
+                                "name an alias of settings.DATABASES"))
+        good.pop("database")
+    if not problems or good:
+        opts = BackendOptions(**good)
+    return opts, problems
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def validate_queues(alias: str, queues: Any) -> list[Problem]:
+    where = f'TASKS["{alias}"]["QUEUES"]'
+    if not isinstance(queues, list | tuple | set):
+        return [Problem(where, f"must be a list, got {type(queues).__name__}",
+                        'write "QUEUES": ["default", "emails"]')]
+    bad = [q for q in queues if not isinstance(q, str) or not QUEUE_NAME_RE.match(q)]
+    if bad:
+        return [Problem(where, f"invalid queue names {bad!r}",
+                        "use 1-64 characters from letters, digits, _ . : -")]
+    return []
+
+
+# --------------------------------------------------------------------------- REPROQ_RUNTIME
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Validated runtime settings of one process (``settings.REPROQ_RUNTIME`` + env + flags)."""
+
+    autostart: bool = True
+    backend: str = "default"
+    queues: tuple[str, ...] = ()  # empty: every queue of the backend (or "default")
+    concurrency: int = 10
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    reclaim_seconds: float = 15.0
+    poll_fallback_seconds: float = 30.0
+    priority_aging_factor: float = 0.0
+    shutdown_grace_seconds: float = 20.0
+    process_queues: tuple[str, ...] = ()  # queues whose sync tasks run in child processes
+    process_workers: int = 2
+    listen: bool = True  # False: poll-only mode (PgBouncer transaction pooling)
+    pool_max_size: int = 8
+    worker_id: str = ""
+    lazy_start: bool = True
+    not_started_warning_seconds: float = 30.0
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+_RUNTIME_KINDS: dict[str, str] = {
+    "autostart": "bool",
+    "backend": "str",
+    "queues": "queues",
+    "concurrency": "posint",
+    "lease_seconds": "posnum",
+    "heartbeat_seconds": "posnum",
+    "reclaim_seconds": "posnum",
+    "poll_fallback_seconds": "posnum",
+    "priority_aging_factor": "nonnegnum",
+    "shutdown_grace_seconds": "nonnegnum",
+    "process_queues": "queues",
+    "process_workers": "posint",
+    "listen": "bool",
+    "pool_max_size": "posint",
+    "worker_id": "str",
+    "lazy_start": "bool",
+    "not_started_warning_seconds": "posnum",
+}
+
+_HINTS = {
+    "bool": "True or False (env: 1/0, true/false, yes/no)",
+    "str": "a string",
+    "queues": 'a list of queue names, e.g. ["default", "emails"] (env: comma-separated)',
+    "posint": "a whole number >= 1",
+    "posnum": "a number > 0",
+    "nonnegnum": "a number >= 0",
+}
+
+
+def _coerce_env(kind: str, text: str) -> Any:
+    text = text.strip()
+    if kind == "bool":
+        low = text.lower()
+        if low in {"1", "true", "yes", "on"}:
+            return True
+        if low in {"0", "false", "no", "off"}:
+            return False
+        return text
+    if kind == "queues":
+        return [q.strip() for q in text.split(",") if q.strip()]
+    if kind == "posint":
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if kind in {"posnum", "nonnegnum"}:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return text
+
+
+def _valid(kind: str, value: Any) -> bool:
+    match kind:
+        case "bool":
+            return isinstance(value, bool)
+        case "str":
+            return isinstance(value, str)
+        case "queues":
+            return isinstance(value, list | tuple) and all(
+                isinstance(q, str) and QUEUE_NAME_RE.match(q) for q in value)
+        case "posint":
+            return _positive_int(value)
+        case "posnum":
+            return _is_number(value) and value > 0
+        case "nonnegnum":
+            return _is_number(value) and value >= 0
+    return False
+
+
+def load_runtime_settings(
+    overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> tuple[RuntimeSettings, list[Problem]]:
+    """Merge defaults < settings.REPROQ_RUNTIME < REPROQ_* env < overrides, and validate."""
+    environ = os.environ if environ is None else environ
+    raw = getattr(settings, "REPROQ_RUNTIME", {}) or {}
+    problems: list[Problem] = []
+    if not isinstance(raw, dict):
+        problems.append(Problem("REPROQ_RUNTIME", f"must be a dict, got {type(raw).__name__}",
+                                'write REPROQ_RUNTIME = {"CONCURRENCY": 10}'))
+        raw = {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {f.name: "default" for f in fields(RuntimeSettings)}
+    sources.pop("sources")
+    for key, value in raw.items():
+        name = str(key).lower()
+        if name not in _RUNTIME_KINDS:
+            problems.append(Problem(f"REPROQ_RUNTIME[{key!r}]", "is not a runtime setting",
+                                    "use one of " + ", ".join(k.upper() for k in _RUNTIME_KINDS)))
+            continue
+        values[name] = value
+        sources[name] = "settings.REPROQ_RUNTIME"
+    for name, kind in _RUNTIME_KINDS.items():
+        env_name = f"REPROQ_{name.upper()}"
+        if env_name in environ:
+            values[name] = _coerce_env(kind, environ[env_name])
+            sources[name] = f"env {env_name}"
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        values[name] = value
+        sources[name] = "command line"
+    good: dict[str, Any] = {}
+    for name, value in values.items():
+        kind = _RUNTIME_KINDS[name]
+        if _valid(kind, value):
+            good[name] = tuple(value) if kind == "queues" else value
+        else:
+            problems.append(Problem(f"REPROQ_RUNTIME[{name.upper()!r}] (from {sources[name]})",
+                                    f"{value!r} is not valid", f"write {_HINTS[kind]}"))
+    rs = RuntimeSettings(**good, sources=sources)
+    if rs.heartbeat_seconds >= rs.lease_seconds:
+        problems.append(Problem("REPROQ_RUNTIME['HEARTBEAT_SECONDS']",
+                                f"{rs.heartbeat_seconds} must be below LEASE_SECONDS "
+                                f"({rs.lease_seconds})",
+                                "renew leases several times per lease, e.g. 10 and 60"))
+    tasks = getattr(settings, "TASKS", {})
+    if rs.backend not in tasks:
+        problems.append(Problem("REPROQ_RUNTIME['BACKEND']", f"{rs.backend!r} is not in TASKS",
+                                "name the TASKS alias of a reproq backend"))
+    elif tasks[rs.backend].get("BACKEND") != BACKEND_PATH:
+        problems.append(Problem("REPROQ_RUNTIME['BACKEND']",
+                                f"TASKS[{rs.backend!r}] is not a reproq backend",
+                                f'set "BACKEND": "{BACKEND_PATH}"'))
+    return rs, problems
+
+
+def explain_runtime(rs: RuntimeSettings) -> list[tuple[str, Any, str]]:
+    """(SETTING, value, source) rows for `manage.py reproq config --explain`."""
+    return [
+        (f.name.upper(), getattr(rs, f.name), rs.sources.get(f.name, "default"))
+        for f in fields(RuntimeSettings)
+        if f.name != "sources"
+    ]
+
+
+def aging_factor_us(factor_seconds: float) -> int:
+    """Microseconds of waiting that one priority point is worth; 0 means strict priority."""
+    if factor_seconds <= 0:
+        return 10**16  # ~317 years per point: priority always wins, FIFO within a priority
+    return int(factor_seconds * 1_000_000)
+
+
+_cached_runtime: RuntimeSettings | None = None
+
+
+def current_runtime_settings() -> RuntimeSettings:
+    """This process's runtime settings, validated once (reset when settings change in tests)."""
+    global _cached_runtime
+    if _cached_runtime is None:
+        _cached_runtime, _ = load_runtime_settings()
+    return _cached_runtime
+
+
+def reset_cache(**kwargs: Any) -> None:
+    global _cached_runtime
+    _cached_runtime = None

@@ -1,0 +1,206 @@
+"""The reproq schema: task runs, workers, periodic schedules, rate limits and queue controls.
+
+The hot paths (enqueue, claim, heartbeat, reclaim, complete) use raw SQL from `reproq.sql` and
+`reproq.runtime.sql`; these models give the admin, management commands and user-facing reads a
+typed view of the same tables, and own the migrations.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+from .states import ACTIVE, RawStatus
+
+ACTIVE_Q = Q(status__in=[s.value for s in ACTIVE])
+
+
+class TaskRun(models.Model):
+    """One enqueued task and everything that happened to it (one row per `TaskResult`)."""
+
+    id = models.BigAutoField(primary_key=True)
+    backend_alias = models.CharField(max_length=64, default="default")
+    task_path = models.TextField()
+    queue_name = models.CharField(max_length=64, default="default")
+    priority = models.SmallIntegerField(default=0)
+    status = models.CharField(max_length=10, choices=RawStatus.choices, default=RawStatus.READY)
+    # Claim order: microseconds since the epoch of eligibility minus priority x aging factor.
+    sort_key = models.BigIntegerField()
+    args = models.JSONField(default=list)
+    kwargs = models.JSONField(default=dict)
+    spec_hash = models.CharField(max_length=64, null=True, blank=True)
+    enqueued_at = models.DateTimeField()
+    run_after = models.DateTimeField()
+    started_at = models.DateTimeField(null=True, blank=True)
+    last_attempted_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.IntegerField(default=0)
+    max_attempts = models.IntegerField(default=3)
+    timeout_seconds = models.IntegerField(default=900)
+    lease_owner = models.CharField(max_length=64, null=True, blank=True)
+    leased_until = models.DateTimeField(null=True, blank=True)
+    worker_ids = models.JSONField(default=list)
+    errors = models.JSONField(default=list)
+    return_value = models.JSONField(null=True, blank=True)
+    metadata = models.JSONField(default=dict)
+    lock_key = models.TextField(null=True, blank=True)
+    concurrency_key = models.TextField(null=True, blank=True)
+    concurrency_limit = models.IntegerField(null=True, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    status_reason = models.TextField(blank=True, default="")
+    parent_id = models.BigIntegerField(null=True, blank=True)
+    workflow_id = models.BigIntegerField(null=True, blank=True)
+    code_ref = models.TextField(blank=True, default="")
+    pip_lock_hash = models.TextField(blank=True, default="")
+
+    class Meta:
+        db_table = "reproq_task_runs"
+        verbose_name = "task run"
+        indexes = [
+            # The claim: an index range scan per queue in sort_key order over READY rows only.
+            models.Index(fields=["queue_name", "sort_key"], condition=Q(status="READY"),
+                         name="reproq_runs_claim"),
+            # Promotion of deferred rows whose run_after has come.
+            models.Index(fields=["run_after"], condition=Q(status="WAITING"),
+                         name="reproq_runs_waiting"),
+            # Reclaim of expired leases, and this process's heartbeat.
+            models.Index(fields=["leased_until"], condition=Q(status="RUNNING"),
+                         name="reproq_runs_leases"),
+            models.Index(fields=["status", "queue_name"], name="reproq_runs_status_queue"),
+            models.Index(fields=["task_path", "status"], name="reproq_runs_task_status"),
+            models.Index(fields=["finished_at"], condition=Q(finished_at__isnull=False),
+                         name="reproq_runs_finished"),
+        ]
+        constraints = [
+            # Dedup: at most one active run per spec; enqueue uses ON CONFLICT against it.
+            models.UniqueConstraint(fields=["spec_hash"], condition=ACTIVE_Q,
+                                    name="reproq_runs_active_spec"),
+            models.CheckConstraint(condition=Q(status__in=[s.value for s in RawStatus]),
+                                   name="reproq_runs_status_valid"),
+            models.CheckConstraint(condition=Q(priority__gte=-100, priority__lte=100),
+                                   name="reproq_runs_priority_range"),
+            models.CheckConstraint(condition=Q(max_attempts__gte=1),
+                                   name="reproq_runs_max_attempts_positive"),
+            models.CheckConstraint(condition=Q(attempts__gte=0),
+                                   name="reproq_runs_attempts_nonnegative"),
+            models.CheckConstraint(condition=Q(timeout_seconds__gte=1),
+                                   name="reproq_runs_timeout_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.task_path} [{self.status}]"
+
+
+class Worker(models.Model):
+    """A live runtime (web process or `manage.py reproq worker`), renewed by its heartbeat."""
+
+    id = models.CharField(max_length=64, primary_key=True)
+    hostname = models.CharField(max_length=255)
+    pid = models.IntegerField()
+    queues = models.JSONField(default=list)
+    concurrency = models.IntegerField()
+    server = models.CharField(max_length=64, blank=True, default="")
+    version = models.CharField(max_length=32, blank=True, default="")
+    started_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField()
+    leader_since = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "reproq_workers"
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.hostname}:{self.pid})"
+
+
+class QueueControl(models.Model):
+    """Per-queue switches, read at claim time: paused queues are not claimed from."""
+
+    queue_name = models.CharField(max_length=64, primary_key=True)
+    paused = models.BooleanField(default=False)
+    reason = models.TextField(blank=True, default="")
+    updated_at = models.DateTimeField(auto_now=True)
+    updated_by = models.CharField(max_length=150, blank=True, default="")
+
+    class Meta:
+        db_table = "reproq_queue_controls"
+
+    def __str__(self) -> str:
+        return f"{self.queue_name} ({'paused' if self.paused else 'running'})"
+
+
+class RateLimit(models.Model):
+    """A token bucket keyed ``task:<path>``, ``queue:<name>`` or ``global``, enforced at claim."""
+
+    key = models.CharField(max_length=255, unique=True)
+    limit = models.IntegerField(help_text="tokens added per period")
+    period_seconds = models.FloatField(default=1.0)
+    burst = models.IntegerField(help_text="bucket capacity")
+    tokens = models.FloatField(default=0.0)
+    refreshed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "reproq_rate_limits"
+        constraints = [
+            models.CheckConstraint(condition=Q(limit__gte=1), name="reproq_rate_limit_positive"),
+            models.CheckConstraint(condition=Q(period_seconds__gt=0),
+                                   name="reproq_rate_period_positive"),
+            models.CheckConstraint(condition=Q(burst__gte=1), name="reproq_rate_burst_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.limit}/{self.period_seconds}s"
+
+
+class PeriodicTask(models.Model):
+    """A cron schedule; the beat leader enqueues each due fire exactly once."""
+
+    class Misfire(models.TextChoices):
+        RUN_ONCE = "run_once", "Run once after downtime"
+        SKIP = "skip", "Skip to the next future fire"
+
+    class Overlap(models.TextChoices):
+        ALLOW = "allow", "Allow overlapping runs"
+        SKIP = "skip", "Skip while the previous run is active"
+
+    name = models.CharField(max_length=200, unique=True)
+    cron_expr = models.CharField(max_length=120)
+    timezone = models.CharField(max_length=64, blank=True, default="")
+    task_path = models.TextField()
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    queue_name = models.CharField(max_length=64, default="default")
+    priority = models.SmallIntegerField(default=0)
+    max_attempts = models.IntegerField(null=True, blank=True)
+    enabled = models.BooleanField(default=True)
+    misfire_policy = models.CharField(max_length=16, choices=Misfire.choices,
+                                      default=Misfire.RUN_ONCE)
+    overlap_policy = models.CharField(max_length=16, choices=Overlap.choices,
+                                      default=Overlap.ALLOW)
+    next_run_at = models.DateTimeField(null=True, blank=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_run_id = models.BigIntegerField(null=True, blank=True)
+    source = models.CharField(max_length=16, default="db",
+                              help_text="db (admin/ORM) or code (@recurring)")
+
+    class Meta:
+        db_table = "reproq_periodic_tasks"
+        indexes = [models.Index(fields=["next_run_at"], condition=Q(enabled=True),
+                                name="reproq_periodic_due")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.cron_expr})"
+
+
+class ScheduleTick(models.Model):
+    """One fire of a schedule, written in the enqueue's transaction: the exactly-once record."""
+
+    schedule = models.ForeignKey(PeriodicTask, on_delete=models.CASCADE, related_name="ticks")
+    scheduled_for = models.DateTimeField()
+    run_id = models.BigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "reproq_schedule_ticks"
+        constraints = [models.UniqueConstraint(fields=["schedule", "scheduled_for"],
+                                               name="reproq_tick_once")]

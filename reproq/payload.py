@@ -1,0 +1,218 @@
+"""Task payloads: strict, reversible JSON encoding of arguments and return values, and `spec_hash`.
+
+Plain JSON values (str, int, float, bool, None, list, dict with str keys) are stored as they are.
+Other supported types are stored as marker objects ``{"__reproq__": "<kind>", "v": ...}`` and come
+back as the type that was passed: datetime, date, time, timedelta, Decimal, UUID, bytes, tuple,
+set, frozenset and saved model instances (stored by ``app_label.Model`` and primary key, fetched
+again when the task runs). Anything else raises `PayloadError` at enqueue, naming the argument.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from django.tasks.exceptions import InvalidTask
+
+MARK = "__reproq__"
+MAX_PAYLOAD_BYTES = 1_000_000
+
+SUPPORTED = (
+    "str, int, float (finite), bool, None, list, tuple, dict with str keys, set, frozenset, "
+    "bytes, datetime, date, time, timedelta, Decimal, UUID, saved model instances"
+)
+
+
+class PayloadError(InvalidTask, TypeError):
+    """An argument or return value that reproq cannot store faithfully."""
+
+
+def _fail(where: str, value: Any, why: str) -> PayloadError:
+    return PayloadError(
+        f"{where} has type {type(value).__module__}.{type(value).__qualname__}: {why}. "
+        f"reproq stores {SUPPORTED}."
+    )
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def encode(value: Any, where: str = "value") -> Any:
+    """Return a JSON-able form of `value`; raise `PayloadError` naming `where` if impossible."""
+    kind = type(value)
+    if value is None or kind is bool or kind is int:
+        return value
+    if kind is str:
+        if "\x00" in value:
+            raise _fail(where, value, "it contains a NUL character, which PostgreSQL rejects")
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise _fail(where, value, f"{value!r} is not valid JSON")
+        return value
+    if kind is list:
+        return [encode(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if kind is dict:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _fail(
+                    f"{where} key {key!r}", key, "dict keys must be str to survive JSON unchanged"
+                )
+            if "\x00" in key:
+                raise _fail(f"{where} key {key!r}", key, "it contains a NUL character")
+            out[key] = encode(item, f"{where}[{key!r}]")
+        if MARK in out:
+            return {MARK: "dict", "v": out}
+        return out
+    if kind is tuple:
+        return {MARK: "tuple", "v": [encode(item, f"{where}[{i}]") for i, item in enumerate(value)]}
+    if kind is set or kind is frozenset:
+        items = [encode(item, f"{where} item") for item in value]
+        items.sort(key=_canonical)
+        return {MARK: kind.__name__, "v": items}
+    if kind is dt.datetime:
+        return {MARK: "datetime", "v": value.isoformat()}
+    if kind is dt.date:
+        return {MARK: "date", "v": value.isoformat()}
+    if kind is dt.time:
+        return {MARK: "time", "v": value.isoformat()}
+    if kind is dt.timedelta:
+        return {MARK: "timedelta", "v": [value.days, value.seconds, value.microseconds]}
+    if kind is Decimal:
+        return {MARK: "decimal", "v": str(value)}
+    if kind is uuid.UUID:
+        return {MARK: "uuid", "v": str(value)}
+    if kind is bytes:
+        return {MARK: "bytes", "v": base64.b64encode(value).decode("ascii")}
+    model_ref = _encode_model(value, where)
+    if model_ref is not None:
+        return model_ref
+    raise _fail(where, value, "this type cannot round-trip through JSON")
+
+
+def _encode_model(value: Any, where: str) -> dict[str, Any] | None:
+    from django.db.models import Model
+
+    if not isinstance(value, Model):
+        return None
+    if value.pk is None or value._state.adding:
+        raise _fail(where, value, "only saved model instances can be passed (they travel by pk)")
+    label = value._meta.label
+    return {MARK: "model", "v": [label, encode(value.pk, f"{where}.pk")]}
+
+
+ModelLoader = Callable[[str, Any], Any]
+
+
+def load_model(label: str, pk: Any) -> Any:
+    """Fetch a model instance by label and pk (raises the model's DoesNotExist if it is gone)."""
+    from django.apps import apps
+
+    model = apps.get_model(label)
+    return model._default_manager.get(pk=pk)
+
+
+def decode(value: Any, load: ModelLoader | None = load_model) -> Any:
+    """Invert `encode`. With ``load=None`` model references come back as `ModelRef`."""
+    if isinstance(value, list):
+        return [decode(item, load) for item in value]
+    if not isinstance(value, dict):
+        return value
+    kind = value.get(MARK)
+    if kind is None:
+        return {key: decode(item, load) for key, item in value.items()}
+    raw = value.get("v")
+    match kind:
+        case "dict":
+            return {key: decode(item, load) for key, item in raw.items()}
+        case "tuple":
+            return tuple(decode(item, load) for item in raw)
+        case "set":
+            return {decode(item, load) for item in raw}
+        case "frozenset":
+            return frozenset(decode(item, load) for item in raw)
+        case "datetime":
+            return dt.datetime.fromisoformat(raw)
+        case "date":
+            return dt.date.fromisoformat(raw)
+        case "time":
+            return dt.time.fromisoformat(raw)
+        case "timedelta":
+            days, seconds, micros = raw
+            return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+        case "decimal":
+            return Decimal(raw)
+        case "uuid":
+            return uuid.UUID(raw)
+        case "bytes":
+            return base64.b64decode(raw)
+        case "model":
+            label, pk = raw
+            pk = decode(pk, load)
+            return ModelRef(label, pk) if load is None else load(label, pk)
+    raise ValueError(f"unknown payload marker {kind!r}")
+
+
+class ModelRef:
+    """A model instance reference found in a stored payload, not yet fetched."""
+
+    __slots__ = ("label", "pk")
+
+    def __init__(self, label: str, pk: Any) -> None:
+        self.label = label
+        self.pk = pk
+
+    def get(self) -> Any:
+        return load_model(self.label, self.pk)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ModelRef):
+            return (self.label, self.pk) == (other.label, other.pk)
+        from django.db.models import Model
+
+        if isinstance(other, Model):
+            return other._meta.label == self.label and other.pk == self.pk
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.label, self.pk))
+
+    def __repr__(self) -> str:
+        return f"<ModelRef {self.label} pk={self.pk!r}>"
+
+
+def encode_call(args: tuple | list, kwargs: dict) -> tuple[list[Any], dict[str, Any]]:
+    """Encode a task's positional and keyword arguments, naming the bad one on failure."""
+    enc_args = [encode(value, f"args[{i}]") for i, value in enumerate(args)]
+    enc_kwargs: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if type(key) is not str:
+            raise PayloadError(f"keyword argument names must be str, not {type(key).__name__}")
+        enc_kwargs[key] = encode(value, f"kwargs[{key!r}]")
+    return enc_args, enc_kwargs
+
+
+def dumps(value: Any) -> str:
+    """Serialise an already-encoded value for a jsonb column."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if len(text) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(
+            f"payload is {len(text)} characters; reproq stores at most {MAX_PAYLOAD_BYTES}. "
+            "Pass an id and load large data inside the task."
+        )
+    return text
+
+
+def spec_hash(backend: str, task_path: str, queue_name: str, args: Any, kwargs: Any) -> str:
+    """Identity of a task spec for dedup: backend alias, task path, queue, encoded args/kwargs."""
+    canonical = _canonical([backend, task_path, queue_name, args, kwargs])
+    return hashlib.sha256(canonical.encode()).hexdigest()
