@@ -1,0 +1,387 @@
+"""Runs claimed rows: async tasks on the event loop, sync tasks in threads or child processes.
+
+Each attempt ends as a `Completion` handed to the completer (batched writes). Timeouts: an async
+task is cancelled at its deadline; a sync task in a thread cannot be stopped, so its run is
+recorded as timed out at the deadline and its slot stays occupied until the thread returns; a
+sync task on a queue listed in PROCESS_QUEUES runs in a child process that is killed at the
+deadline and replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from inspect import iscoroutinefunction
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from django.db import close_old_connections
+from django.tasks import Task, TaskResultStatus
+from django.tasks.signals import task_finished, task_started
+from django.utils.module_loading import import_string
+
+from .. import payload
+from ..backend import ReproqBackend
+from ..results import ReproqTaskContext, ReproqTaskResult, copy_task_unvalidated
+from .outcome import Completion, NonRetryable, failure
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+logger = logging.getLogger("reproq.runtime")
+
+
+class TaskTimeout(TimeoutError):
+    """The attempt ran past its timeout_seconds."""
+
+
+class TaskCancelled(Exception):  # noqa: N818 - the name users see in errors
+    """The run was cancelled while it was running."""
+
+
+@dataclass
+class Job:
+    """One claimed row being executed in this process."""
+
+    row: dict[str, Any]
+    cancel_flag: threading.Event = field(default_factory=threading.Event)
+    scope: anyio.CancelScope | None = None
+    lost: bool = False  # lease lost (reclaimed elsewhere): result must not be written
+    cancel_requested: bool = False  # a user asked to cancel this run
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def id(self) -> int:
+        return int(self.row["id"])
+
+    @property
+    def attempt(self) -> int:
+        return int(self.row["attempts"])
+
+
+def resolve_task(task_path: str) -> Task:
+    try:
+        obj = import_string(task_path)
+    except Exception as exc:
+        raise LookupError(f"cannot import task {task_path!r}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, Task):
+        raise NonRetryable(f"{task_path!r} is a {type(obj).__name__}, not a @task") from TypeError(
+            f"{task_path!r} is not a django.tasks.Task")
+    return obj
+
+
+def decode_call(row: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Arguments as the task receives them; a damaged payload is a non-retryable error."""
+    try:
+        args = payload.decode(row["args"])
+        kwargs = payload.decode(row["kwargs"])
+    except LookupError:
+        raise
+    except Exception as exc:
+        raise NonRetryable(f"stored arguments cannot be decoded: {exc}") from exc
+    if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(
+            isinstance(k, str) for k in kwargs):
+        raise NonRetryable("stored arguments are damaged") from ValueError(
+            f"args must be a JSON array and kwargs a JSON object, got "
+            f"{type(row['args']).__name__} and {type(row['kwargs']).__name__}")
+    return args, kwargs
+
+
+class MetadataSaver:
+    """Writes a running task's metadata (sync from its thread, async on the loop)."""
+
+    def __init__(self, runtime: Runtime, run_id: int) -> None:
+        self.runtime = runtime
+        self.run_id = run_id
+
+    def save(self, metadata: dict[str, Any]) -> None:
+        from django.db import connections
+
+        from .. import sql
+
+        text = payload.dumps(payload.encode(metadata, "metadata"))
+        with connections[self.runtime.backend.database].cursor() as cursor:
+            cursor.execute(sql.SAVE_METADATA, {"metadata": text, "id": self.run_id})
+
+    async def asave(self, metadata: dict[str, Any]) -> None:
+        from .. import sql
+
+        text = payload.dumps(payload.encode(metadata, "metadata"))
+        async with self.runtime.pool.connection() as conn:
+            await conn.execute(sql.SAVE_METADATA, {"metadata": text, "id": self.run_id})
+
+
+_LOG_RECEIVER_MODULE = "django.tasks.signals"
+
+
+def _send(signal: Any, result: ReproqTaskResult) -> None:
+    signal.send(sender=ReproqBackend, task_result=result)
+
+
+class Executor:
+    """Holds the running jobs of this process and runs each to a `Completion`."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.concurrency = runtime.settings.concurrency
+        self.limiter = anyio.CapacityLimiter(self.concurrency)
+        self.running: dict[int, Job] = {}
+        self.zombies = 0  # timed-out sync threads still running
+        self._zombie_lock = threading.Lock()
+        self.slot_freed = anyio.Event()
+
+    def free_slots(self) -> int:
+        return max(self.concurrency - len(self.running) - self.zombies, 0)
+
+    def submit(self, tg: anyio.abc.TaskGroup, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            job = Job(row=row)
+            self.running[job.id] = job
+            tg.start_soon(self._run, job, name=f"reproq-run-{job.id}")
+
+    def _release_slot(self, job: Job) -> None:
+        self.running.pop(job.id, None)
+        self.slot_freed.set()
+        self.slot_freed = anyio.Event()
+
+    def cancel(self, run_id: int, *, lost: bool = False) -> bool:
+        """Stop a running job: a user cancel (recorded CANCELLED) or a lost lease (not recorded,
+        since another process owns the row now)."""
+        job = self.running.get(run_id)
+        if job is None:
+            return False
+        job.lost = job.lost or lost
+        job.cancel_requested = job.cancel_requested or not lost
+        job.cancel_flag.set()
+        if job.scope is not None:
+            job.scope.cancel()
+        procs = self.runtime.processes
+        if procs is not None:
+            procs.kill_run(run_id)
+        return True
+
+    # ------------------------------------------------------------------ one attempt
+    async def _run(self, job: Job) -> None:
+        start = time.monotonic()
+        try:
+            completion = await self._attempt(job)
+        except BaseException as exc:  # cancellation at shutdown ends up here
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                self.running.pop(job.id, None)
+                raise
+            logger.exception("reproq: internal error running run %s", job.id)
+            completion = self._fail(job, exc)
+        completion.duration = time.monotonic() - start
+        completion.task_path = job.row["task_path"]
+        completion.queue_name = job.row["queue_name"]
+        if not job.lost:
+            self.runtime.completer.put(completion)
+        self.runtime.observe(completion)
+        self._release_slot(job)
+
+    def _fail(self, job: Job, exc: BaseException, reason: str = "") -> Completion:
+        return failure(job.id, exc, attempt=job.attempt, max_attempts=int(job.row["max_attempts"]),
+                       worker_id=self.runtime.worker_id, policy=self.runtime.retry_policy,
+                       reason=reason)
+
+    def _result(self, task: Task, job: Job, args: list[Any], kwargs: dict[str, Any],
+                status: TaskResultStatus = TaskResultStatus.RUNNING,
+                raw: str = "RUNNING") -> ReproqTaskResult:
+        row = job.row
+        task = copy_task_unvalidated(task, priority=row["priority"], queue_name=row["queue_name"],
+                                     backend=self.runtime.backend.alias)
+        return ReproqTaskResult(
+            task=task, id=str(row["id"]), status=status, enqueued_at=row["enqueued_at"],
+            started_at=row["started_at"], finished_at=None,
+            last_attempted_at=row["last_attempted_at"], args=args, kwargs=kwargs,
+            backend=self.runtime.backend.alias, errors=[], worker_ids=list(row["worker_ids"]),
+            raw_status=raw, metadata=dict(row["metadata"] or {}),
+        )
+
+    async def _attempt(self, job: Job) -> Completion:
+        row = job.row
+        if row["status"] == "EXPIRED":
+            return Completion(id=job.id, status="EXPIRED", reason="expired before it started")
+        try:
+            task = resolve_task(row["task_path"])
+        except Exception as exc:
+            return self._fail(job, exc)
+        timeout = float(row["timeout_seconds"])
+        if iscoroutinefunction(task.func):
+            return await self._attempt_async(job, task, timeout)
+        procs = self.runtime.processes
+        if procs is not None and row["queue_name"] in procs.queues:
+            return await procs.run(job, timeout)
+        return await self._attempt_thread(job, task, timeout)
+
+    async def _attempt_async(self, job: Job, task: Task, timeout: float) -> Completion:
+        try:
+            if _has_models(job.row):
+                args, kwargs = await anyio.to_thread.run_sync(_decode_in_thread, job.row,
+                                                              limiter=self.limiter)
+            else:
+                args, kwargs = decode_call(job.row)
+        except Exception as exc:
+            return self._fail(job, exc)
+        result = self._result(task, job, args, kwargs)
+        context = self._context(task, job, result)
+        await self._signal(task_started, result)
+        call_args = [context, *args] if context is not None else args
+        try:
+            with anyio.CancelScope() as scope:
+                job.scope = scope
+                if job.cancel_flag.is_set():
+                    scope.cancel()
+                with anyio.fail_after(timeout):
+                    value = await task.func(*call_args, **kwargs)
+            if scope.cancelled_caught:
+                raise TaskCancelled("cancelled while running")
+            completion = self._success(job, value, context)
+        except TimeoutError as exc:
+            error = TaskTimeout(f"async task exceeded its timeout of {timeout:g}s and was "
+                                "cancelled")
+            error.__cause__ = exc
+            completion = self._fail(job, error)
+        except TaskCancelled as exc:
+            completion = self._cancelled(job, exc)
+        except Exception as exc:
+            completion = self._fail(job, exc)
+            if completion.status == "FAILED":
+                await self._signal(task_finished, self._final(task, job, args, kwargs, completion))
+            return self._with_metadata(completion, context)
+        finally:
+            job.scope = None
+        if completion.status in {"SUCCESSFUL", "FAILED", "CANCELLED"}:
+            await self._signal(task_finished, self._final(task, job, args, kwargs, completion))
+        return self._with_metadata(completion, context)
+
+    async def _attempt_thread(self, job: Job, task: Task, timeout: float) -> Completion:
+        done = threading.Event()
+        box: dict[str, Completion] = {}
+
+        def work() -> None:
+            try:
+                box["c"] = self._run_sync(job, task)
+            finally:
+                done.set()
+                with self._zombie_lock:
+                    if box.get("zombie"):
+                        self.zombies -= 1
+
+        with anyio.move_on_after(timeout) as scope:
+            await anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=self.limiter)
+        if scope.cancelled_caught and not done.is_set():
+            with self._zombie_lock:
+                if not done.is_set():
+                    self.zombies += 1
+                    box["zombie"] = True  # type: ignore[assignment]
+            job.cancel_flag.set()
+            error = TaskTimeout(
+                f"sync task exceeded its timeout of {timeout:g}s; its thread cannot be killed and "
+                "keeps its slot until it returns (list the queue in PROCESS_QUEUES to kill it)")
+            return self._fail(job, error)
+        return box["c"]
+
+    def _run_sync(self, job: Job, task: Task) -> Completion:
+        """One attempt of a sync task, in its worker thread (DB connections handled like a
+        request's: closed if stale before, and after)."""
+        close_old_connections()
+        context = None
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        try:
+            try:
+                args, kwargs = decode_call(job.row)
+            except Exception as exc:
+                return self._fail(job, exc)
+            result = self._result(task, job, args, kwargs)
+            context = self._context(task, job, result)
+            _send(task_started, result)
+            call_args = [context, *args] if context is not None else args
+            try:
+                value = task.func(*call_args, **kwargs)
+                if job.cancel_requested:
+                    raise TaskCancelled("cancelled while running")
+                completion = self._success(job, value, context)
+            except TaskCancelled as exc:
+                completion = self._cancelled(job, exc)
+            except Exception as exc:
+                completion = self._fail(job, exc)
+                if completion.status == "FAILED":
+                    _send(task_finished, self._final(task, job, args, kwargs, completion))
+                return self._with_metadata(completion, context)
+            if completion.status in {"SUCCESSFUL", "FAILED", "CANCELLED"}:
+                _send(task_finished, self._final(task, job, args, kwargs, completion))
+            return self._with_metadata(completion, context)
+        finally:
+            close_old_connections()
+
+    # ------------------------------------------------------------------ helpers
+    def _context(self, task: Task, job: Job, result: ReproqTaskResult) -> ReproqTaskContext | None:
+        if not task.takes_context:
+            return None
+        return ReproqTaskContext(task_result=result, metadata=dict(job.row["metadata"] or {}),
+                                 _saver=MetadataSaver(self.runtime, job.id),
+                                 _cancel_flag=job.cancel_flag)
+
+    def _success(self, job: Job, value: Any, context: ReproqTaskContext | None) -> Completion:
+        try:
+            text = payload.dumps(payload.encode(value, "return value"))
+        except payload.PayloadError as exc:
+            return self._fail(job, exc, reason=f"return value cannot be stored: {exc}")
+        return Completion(id=job.id, status="SUCCESSFUL", return_value=text)
+
+    def _cancelled(self, job: Job, exc: BaseException) -> Completion:
+        return Completion(id=job.id, status="CANCELLED", reason="cancelled while running",
+                          error=json.dumps({"exception_class_path": "reproq.runtime.executor."
+                                            "TaskCancelled", "traceback": str(exc),
+                                            "attempt": job.attempt}))
+
+    def _with_metadata(self, completion: Completion,
+                       context: ReproqTaskContext | None) -> Completion:
+        if context is not None:
+            try:
+                completion.metadata = payload.dumps(payload.encode(context.metadata, "metadata"))
+            except payload.PayloadError as exc:
+                logger.warning("reproq: metadata of run %s not saved: %s", completion.id, exc)
+        return completion
+
+    def _final(self, task: Task, job: Job, args: list[Any], kwargs: dict[str, Any],
+               completion: Completion) -> ReproqTaskResult:
+        status = (TaskResultStatus.SUCCESSFUL if completion.status == "SUCCESSFUL"
+                  else TaskResultStatus.FAILED)
+        result = self._result(task, job, args, kwargs, status=status, raw=completion.status)
+        if completion.return_value is not None:
+            object.__setattr__(result, "_return_value",
+                               payload.decode(json.loads(completion.return_value), None))
+        return result
+
+    async def _signal(self, signal: Any, result: ReproqTaskResult) -> None:
+        """Send a signal from the event loop: Django's own log receivers run inline, other sync
+        receivers in a thread, async receivers awaited."""
+        sync_receivers, async_receivers = signal._live_receivers(ReproqBackend)
+        inline = [r for r in sync_receivers if getattr(r, "__module__", "") == _LOG_RECEIVER_MODULE]
+        if len(inline) == len(sync_receivers) and not async_receivers:
+            _send(signal, result)
+            return
+        await signal.asend(sender=ReproqBackend, task_result=result)
+
+
+def _has_models(row: dict[str, Any]) -> bool:
+    text = json.dumps([row["args"], row["kwargs"]])
+    return payload.MARK in text and '"model"' in text
+
+
+def _decode_in_thread(row: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    close_old_connections()
+    try:
+        return decode_call(row)
+    finally:
+        close_old_connections()
+
+
+Decoder = Callable[[dict[str, Any]], tuple[list[Any], dict[str, Any]]]

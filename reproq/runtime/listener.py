@@ -1,0 +1,85 @@
+"""The LISTEN connection: one dedicated autocommit connection per process, outside the pool.
+
+Payloads (see `reproq.sql`) wake the claimer, tell the promoter about deferred rows and pass
+cancellations to the executor. When the connection dies it reconnects with backoff, re-LISTENs
+and then wakes everything for a catch-up sweep (notifications sent meanwhile are lost).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import anyio
+import psycopg
+
+from .. import db, sql
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+logger = logging.getLogger("reproq.runtime")
+
+
+class Listener:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.connected = anyio.Event()
+        self.connections = 0
+        self.received = 0
+        self.conn: psycopg.AsyncConnection | None = None
+        self.backend_pid: int | None = None
+
+    async def run(self) -> None:
+        rt = self.runtime
+        delay = 0.1
+        while True:
+            try:
+                conn = await db.connect(rt.backend.database,
+                                        application_name=f"reproq-listen-{rt.worker_id}"[:63])
+            except psycopg.OperationalError as exc:
+                logger.warning("reproq: LISTEN connection failed (%s); retrying in %.1fs",
+                               exc.__class__.__name__, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.conn = conn
+            try:
+                await conn.execute(f"LISTEN {sql.CHANNEL}")
+                self.backend_pid = conn.info.backend_pid
+                self.connections += 1
+                if self.connections > 1:
+                    logger.info("reproq: LISTEN connection re-established; sweeping for work")
+                self.connected.set()
+                delay = 0.1
+                rt.wake_all()  # catch up on anything sent while we were not listening
+                while True:
+                    async for note in conn.notifies(timeout=rt.settings.poll_fallback_seconds):
+                        self.received += 1
+                        self.dispatch(note.payload)
+            except psycopg.OperationalError as exc:
+                logger.warning("reproq: LISTEN connection lost (%s); reconnecting",
+                               exc.__class__.__name__)
+                self.connected = anyio.Event()
+            finally:
+                self.conn = None
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
+            await anyio.sleep(delay)
+
+    def dispatch(self, payload: str) -> None:
+        kind, _, value = payload.partition(":")
+        rt = self.runtime
+        if kind == "r":
+            if value in rt.queues:
+                rt.claimer.wake()
+        elif kind == "w":
+            try:
+                rt.promoter.note_due(float(value))
+            except ValueError:
+                pass
+        elif kind == "c":
+            if value.isdigit():
+                rt.executor.cancel(int(value))
+        elif kind == "q":
+            rt.claimer.wake()

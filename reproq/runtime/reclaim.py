@@ -1,0 +1,46 @@
+"""Returns runs whose lease expired to READY (or FAILED when attempts are spent), and removes
+worker rows that stopped renewing. Every process runs it; SKIP LOCKED keeps them apart."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .. import sql
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+logger = logging.getLogger("reproq.runtime")
+BATCH = 500
+
+
+class Reclaimer:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.requeued = 0
+        self.failed = 0
+
+    async def reclaim_once(self) -> int:
+        rt = self.runtime
+        async with rt.pool.connection() as conn:
+            cur = await conn.execute(sql.RECLAIM, {
+                "limit": BATCH, "worker_ttl": rt.settings.lease_seconds * 3,
+            })
+            row = await cur.fetchone()
+        requeued, failed = int(row["requeued"]), int(row["failed"])
+        if requeued or failed:
+            logger.warning("reproq: reclaimed %d runs with expired leases (%d back to READY, "
+                           "%d failed: attempts spent)", requeued + failed, requeued, failed)
+            rt.claimer.wake()
+        self.requeued += requeued
+        self.failed += failed
+        return requeued + failed
+
+    async def run(self) -> None:
+        while True:
+            while await self.reclaim_once() >= BATCH:
+                pass
+            await anyio.sleep(self.runtime.settings.reclaim_seconds)

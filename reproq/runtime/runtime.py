@@ -1,0 +1,209 @@
+"""`Runtime`: one supervised anyio task group per process running every reproq service.
+
+Services (listener, claimer, promoter, completer, heartbeat, reclaim) are each supervised: a
+crash is logged, counted and restarted with backoff, and never reaches the web server. Jobs run
+in a second task group so that shutdown can stop claiming, wait for running jobs up to the grace
+period, cancel the rest and put them back to READY without burning an attempt, flush results,
+and remove the worker row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from django.core.exceptions import ImproperlyConfigured
+from django.tasks import task_backends
+
+from .. import db, sql
+from ..backend import ReproqBackend
+from ..conf import RuntimeSettings, load_runtime_settings, parse_backend_options
+from .claimer import Claimer
+from .completer import Completer
+from .executor import Executor
+from .heartbeat import Heartbeat
+from .listener import Listener
+from .outcome import Completion, RetryPolicy
+from .promoter import Promoter
+from .reclaim import Reclaimer
+from .registry import WorkerIdentity, detect_server, make_worker_id
+
+logger = logging.getLogger("reproq.runtime")
+
+
+def build_settings(overrides: dict[str, Any] | None = None) -> RuntimeSettings:
+    """Validated settings, or ImproperlyConfigured listing every problem and its fix."""
+    rs, problems = load_runtime_settings(overrides)
+    if not problems:
+        backend_params = task_backends.settings.get(rs.backend, {})
+        _, problems = parse_backend_options(rs.backend, backend_params.get("OPTIONS", {}))
+    if problems:
+        raise ImproperlyConfigured("reproq settings are invalid:\n" +
+                                   "\n".join(f"  - {p}" for p in problems))
+    return rs
+
+
+class Runtime:
+    """Everything reproq runs inside one process. Create, then ``await run()`` (or use
+    `reproq.runtime.host`, which the ASGI integrations and the worker command use)."""
+
+    def __init__(self, settings: RuntimeSettings | None = None, *,
+                 overrides: dict[str, Any] | None = None, server: str | None = None) -> None:
+        self.settings = settings or build_settings(overrides)
+        backend = task_backends[self.settings.backend]
+        if not isinstance(backend, ReproqBackend):
+            raise ImproperlyConfigured(f"TASKS[{self.settings.backend!r}] is not a reproq backend")
+        self.backend = backend
+        self.queues: tuple[str, ...] = (self.settings.queues or tuple(sorted(backend.queues))
+                                        or ("default",))
+        self.worker_id = make_worker_id(self.settings.worker_id)
+        self.identity = WorkerIdentity(worker_id=self.worker_id, queues=self.queues,
+                                       concurrency=self.settings.concurrency,
+                                       server=server or detect_server())
+        opts = backend.reproq_options
+        self.retry_policy = RetryPolicy(opts.retry_base_seconds, opts.retry_max_seconds,
+                                        opts.retry_jitter)
+        self.poll_interval = self.settings.poll_fallback_seconds
+        self.draining = False
+        self.state = "created"
+        self.crashes: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter()
+        self.started_at: float | None = None
+        self.processes: Any = None
+        self.pool: Any = None
+        self._stop: anyio.Event | None = None
+        self._done: anyio.Event | None = None
+
+    # ------------------------------------------------------------------ hooks used by services
+    def worker_row(self) -> dict[str, Any]:
+        return self.identity.row()
+
+    def wake_all(self) -> None:
+        self.claimer.wake()
+        self.promoter.poke()
+
+    def note_claimed(self, rows: list[dict[str, Any]]) -> None:
+        self.outcomes["claimed"] += len(rows)
+
+    def observe(self, completion: Completion) -> None:
+        self.outcomes[completion.status] += 1
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        rs = self.settings
+        self._stop, self._done = anyio.Event(), anyio.Event()
+        self.executor = Executor(self)
+        self.completer = Completer(self)
+        self.claimer = Claimer(self)
+        self.listener = Listener(self)
+        self.promoter = Promoter(self)
+        self.heartbeat = Heartbeat(self)
+        self.reclaimer = Reclaimer(self)
+        if rs.process_queues:
+            from .processes import ProcessPool
+
+            self.processes = ProcessPool(self, rs.process_queues, rs.process_workers)
+        self.pool = db.make_pool(self.backend.database, max_size=rs.pool_max_size,
+                                 name=f"reproq-{self.worker_id}"[:63])
+        await self.pool.open(wait=False)
+        db.register_pool(self.backend.database, self.pool)
+        self.state = "starting"
+        try:
+            if self.processes is not None:
+                await self.processes.start()
+            async with anyio.create_task_group() as services:
+                async with anyio.create_task_group() as jobs:
+                    services.start_soon(self._supervise, "heartbeat", self.heartbeat.run)
+                    services.start_soon(self._supervise, "completer", self.completer.run)
+                    services.start_soon(self._supervise, "reclaim", self.reclaimer.run)
+                    services.start_soon(self._supervise, "promoter", self.promoter.run)
+                    if rs.listen:
+                        services.start_soon(self._supervise, "listener", self.listener.run)
+                    services.start_soon(self._supervise, "claimer",
+                                        lambda: self.claimer.run(jobs))
+                    self.state = "running"
+                    self.started_at = time.time()
+                    logger.info("reproq: runtime %s started (queues=%s, concurrency=%d, %s)",
+                                self.worker_id, ",".join(self.queues), rs.concurrency,
+                                "LISTEN/NOTIFY" if rs.listen else "poll-only")
+                    task_status.started()
+                    await self._stop.wait()
+                    leftover = await self._drain()
+                    jobs.cancel_scope.cancel()
+                await self._finish(leftover)
+                services.cancel_scope.cancel()
+        finally:
+            self.state = "stopped"
+            with anyio.CancelScope(shield=True):
+                if self.processes is not None:
+                    await self.processes.close()
+                db.unregister_pool(self.backend.database, self.pool)
+                await self.pool.close()
+            self._done.set()
+            logger.info("reproq: runtime %s stopped", self.worker_id)
+
+    async def _drain(self) -> list[int]:
+        """Stop claiming and wait for running jobs up to the grace period; return the rest."""
+        self.state = "stopping"
+        self.draining = True
+        self.claimer.stopping = True
+        self.claimer.wake()
+        with anyio.move_on_after(self.settings.shutdown_grace_seconds):
+            while self.executor.running:
+                await self.executor.slot_freed.wait()
+        leftover = list(self.executor.running)
+        if leftover:
+            logger.warning("reproq: %d runs still running after the %.0fs grace period; putting "
+                           "them back to READY", len(leftover), self.settings.shutdown_grace_seconds)
+        return leftover
+
+    async def _finish(self, leftover: list[int]) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            await self.completer.flush()
+            async with self.pool.connection() as conn:
+                if leftover:
+                    await conn.execute(sql.RELEASE, {"ids": leftover, "worker": self.worker_id})
+                await conn.execute(sql.DELETE_WORKER, {"worker": self.worker_id})
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def stop(self) -> None:
+        """Graceful stop; returns when the runtime has finished."""
+        self.request_stop()
+        if self._done is not None:
+            await self._done.wait()
+
+    async def _supervise(self, name: str, service: Callable[[], Awaitable[Any]]) -> None:
+        delay = 0.1
+        while True:
+            began = time.monotonic()
+            try:
+                await service()
+                return
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception:
+                self.crashes[name] += 1
+                if time.monotonic() - began > 60:
+                    delay = 0.1
+                logger.exception("reproq: %s crashed (%d so far); restarting in %.1fs",
+                                 name, self.crashes[name], delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def status(self) -> dict[str, Any]:
+        """A small health summary for /healthz and the worker command."""
+        return {
+            "worker_id": self.worker_id, "state": self.state, "queues": list(self.queues),
+            "running": len(getattr(self, "executor", None).running) if hasattr(self, "executor")
+            else 0,
+            "crashes": dict(self.crashes), "outcomes": dict(self.outcomes),
+            "listening": bool(getattr(self, "listener", None) and self.listener.conn is not None),
+        }
