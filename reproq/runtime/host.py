@@ -29,6 +29,7 @@ class HostState:
     via: str = ""
     error: str = ""
     lock: asyncio.Lock | None = None
+    stopping: bool = False
 
 
 _state = HostState()
@@ -40,6 +41,11 @@ def current() -> Runtime | None:
     if rt is not None and rt.state in {"starting", "running", "stopping"}:
         return rt
     return None
+
+
+def stopping() -> bool:
+    """True once this process began shutting its runtime down (no lazy restart then)."""
+    return _state.stopping
 
 
 def status() -> dict[str, Any]:
@@ -55,8 +61,9 @@ async def start(via: str, overrides: dict[str, Any] | None = None,
     loop = asyncio.get_running_loop()
     if _state.loop is not loop or _state.lock is None:
         _state.lock, _state.loop = asyncio.Lock(), loop
-        _state.runtime, _state.task = None, None
+        _state.runtime, _state.task, _state.stopping = None, None, False
     async with _state.lock:
+        _state.stopping = False
         if _state.runtime is not None and _state.task is not None and not _state.task.done():
             return _state.runtime
         try:
@@ -89,6 +96,7 @@ async def start(via: str, overrides: dict[str, Any] | None = None,
 
 async def stop() -> None:
     """Graceful stop of this process's runtime, if it runs on this loop."""
+    _state.stopping = True
     runtime, task = _state.runtime, _state.task
     if runtime is None or task is None:
         return
@@ -97,3 +105,8 @@ async def stop() -> None:
     await runtime.stop()
     await task
     _state.runtime, _state.task = None, None
+
+
+def reset_for_tests() -> None:
+    """Forget a stopped runtime so a test can start another in the same process."""
+    _state.stopping = False

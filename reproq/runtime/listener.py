@@ -7,6 +7,7 @@ and then wakes everything for a catch-up sweep (notifications sent meanwhile are
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -74,10 +75,8 @@ class Listener:
             if value in rt.queues:
                 rt.claimer.wake()
         elif kind == "w":
-            try:
+            with contextlib.suppress(ValueError):
                 rt.promoter.note_due(float(value))
-            except ValueError:
-                pass
         elif kind == "c":
             if value.isdigit():
                 rt.executor.cancel(int(value))

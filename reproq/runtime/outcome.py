@@ -12,7 +12,7 @@ from typing import Any
 from ..payload import PayloadError
 
 
-class NonRetryable(Exception):  # noqa: N818 - a marker, not raised by users
+class NonRetryable(Exception):
     """Wraps an error that retrying cannot fix (garbage payload, unstorable return value)."""
 
 

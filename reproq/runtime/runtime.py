@@ -158,8 +158,9 @@ class Runtime:
                 await self.executor.slot_freed.wait()
         leftover = list(self.executor.running)
         if leftover:
-            logger.warning("reproq: %d runs still running after the %.0fs grace period; putting "
-                           "them back to READY", len(leftover), self.settings.shutdown_grace_seconds)
+            logger.warning("reproq: %d runs still running after the %.0fs grace period; "
+                           "putting them back to READY", len(leftover),
+                           self.settings.shutdown_grace_seconds)
         return leftover
 
     async def _finish(self, leftover: list[int]) -> None:
@@ -202,8 +203,7 @@ class Runtime:
         """A small health summary for /healthz and the worker command."""
         return {
             "worker_id": self.worker_id, "state": self.state, "queues": list(self.queues),
-            "running": len(getattr(self, "executor", None).running) if hasattr(self, "executor")
-            else 0,
+            "running": len(self.executor.running) if hasattr(self, "executor") else 0,
             "crashes": dict(self.crashes), "outcomes": dict(self.outcomes),
             "listening": bool(getattr(self, "listener", None) and self.listener.conn is not None),
         }
