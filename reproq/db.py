@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import Counter
 from typing import Any
 
 import psycopg
@@ -16,6 +17,20 @@ from django.db import connections
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
+
+
+class CountingConnection(psycopg.AsyncConnection):
+    """An AsyncConnection that counts statements by name (see `reproq.sql.name_of`), so tests
+    and metrics can state how many statements each operation costs."""
+
+    async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        from .sql import name_of
+
+        statement_counts[name_of(query)] += 1
+        return await super().execute(query, params, **kwargs)
+
+
+statement_counts: Counter[str] = Counter()
 
 _NON_LIBPQ = {"cursor_factory", "context", "prepare_threshold", "server_side_binding", "pool",
               "isolation_level", "assume_role"}
@@ -32,7 +47,7 @@ def conninfo(alias: str = "default", **extra: Any) -> str:
 
 async def connect(alias: str = "default", **extra: Any) -> psycopg.AsyncConnection:
     """A dedicated autocommit connection (LISTEN, leadership), outside any pool."""
-    return await psycopg.AsyncConnection.connect(
+    return await CountingConnection.connect(
         conninfo(alias, **extra), autocommit=True, row_factory=dict_row
     )
 
@@ -48,6 +63,7 @@ def make_pool(alias: str, max_size: int, name: str) -> AsyncConnectionPool:
         min_size=1,
         max_size=max_size,
         open=False,
+        connection_class=CountingConnection,
         kwargs={"autocommit": True, "row_factory": dict_row},
         name=name,
         timeout=10.0,

@@ -279,3 +279,13 @@ SAVE_METADATA = """
 UPDATE reproq_task_runs SET metadata = %(metadata)s::jsonb
 WHERE id = %(id)s AND status = 'RUNNING'
 """
+
+
+def name_of(query: object) -> str:
+    """The name of a statement defined here (for statement counts), else 'other'."""
+    return _NAMES.get(id(query), "other")
+
+
+_NAMES = {id(value): key for key, value in list(globals().items())
+          if key.isupper() and isinstance(value, str) and key not in {"CHANNEL", "ACTIVE_SQL",
+                                                                       "RESULT_COLUMNS"}}
