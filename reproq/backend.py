@@ -8,6 +8,7 @@ hop); `aenqueue` therefore commits on its own, immediately (see docs/enqueue.md)
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -237,7 +238,8 @@ class ReproqBackend(BaseTaskBackend):
             task=task if priority == task.priority else copy_task_unvalidated(
                 task, priority=priority),
             args=list(args), kwargs=kwargs,
-            enc_args=payload.dumps(enc_args), enc_kwargs=payload.dumps(enc_kwargs),
+            enc_args=payload.dumps(enc_args, "args"),
+            enc_kwargs=payload.dumps(enc_kwargs, "kwargs"),
             spec_hash=digest, priority=priority, run_after=run_after, delay=delay,
             lock_key=lock_key, concurrency_key=conc_key, concurrency_limit=conc_limit,
             max_attempts=max_attempts, timeout=timeout,
@@ -325,8 +327,7 @@ class ReproqBackend(BaseTaskBackend):
                 cursor.execute(sql.ENQUEUE, self._params(batch))
                 rows = _dict_rows(cursor)
                 existing: dict[str, dict[str, Any]] = {}
-                missing = {s.spec_hash for s, r in zip(batch, rows, strict=True)
-                           if r["id"] is None and s.spec_hash}
+                missing = _dedup_hits(batch, rows)
                 if missing:
                     cursor.execute(sql.ACTIVE_BY_SPEC, {"hashes": sorted(missing)})
                     existing = {r["spec_hash"]: r for r in _dict_rows(cursor)}
@@ -366,8 +367,7 @@ class ReproqBackend(BaseTaskBackend):
                     cur = await conn.execute(sql.ENQUEUE, self._params(batch))
                     rows = await cur.fetchall()
                     existing: dict[str, dict[str, Any]] = {}
-                    missing = {s.spec_hash for s, r in zip(batch, rows, strict=True)
-                               if r["id"] is None and s.spec_hash}
+                    missing = _dedup_hits(batch, rows)
                     if missing:
                         cur = await conn.execute(sql.ACTIVE_BY_SPEC, {"hashes": sorted(missing)})
                         existing = {r["spec_hash"]: r for r in await cur.fetchall()}
@@ -425,10 +425,8 @@ class ReproqBackend(BaseTaskBackend):
             task = None
         if not isinstance(task, Task):
             task = object.__new__(ReproqTask)
-            for name, value in {"func": _missing_task, "takes_context": False,
-                                "max_attempts": None, "timeout_seconds": None, "dedup": None,
-                                "expires_in": None}.items():
-                object.__setattr__(task, name, value)
+            for f in dataclasses.fields(ReproqTask):
+                object.__setattr__(task, f.name, f.default if f.name != "func" else _missing_task)
         return copy_task_unvalidated(task, priority=row["priority"],
                                      queue_name=row["queue_name"], run_after=deferred,
                                      backend=self.alias)
@@ -443,14 +441,14 @@ class ReproqBackend(BaseTaskBackend):
         errors = [
             TaskError(exception_class_path=str(e.get("exception_class_path", "")),
                       traceback=str(e.get("traceback", "")))
-            for e in (row["errors"] or []) if isinstance(e, dict)
+            for e in _json_list(row["errors"]) if isinstance(e, dict)
         ]
         result = ReproqTaskResult(
             task=self._task_for_row(row), id=str(row["id"]), status=to_django_status(raw),
             enqueued_at=row["enqueued_at"], started_at=row["started_at"],
             finished_at=row["finished_at"], last_attempted_at=row["last_attempted_at"],
             args=args, kwargs=kwargs, backend=self.alias, errors=errors,
-            worker_ids=[str(w) for w in (row["worker_ids"] or []) if w is not None],
+            worker_ids=[str(w) for w in _json_list(row["worker_ids"]) if w is not None],
             raw_status=raw, status_reason=row["status_reason"] or "",
             metadata=row["metadata"] if isinstance(row["metadata"], dict) else {},
         )
@@ -477,6 +475,22 @@ def _decode_call(row: dict[str, Any], load: Any) -> tuple[list[Any], dict[str, A
     if not isinstance(kwargs, dict):
         kwargs = {"": kwargs}
     return args, kwargs
+
+
+def _dedup_hits(specs: Sequence[EnqueueSpec], rows: list[dict[str, Any]]) -> set[str]:
+    """Spec hashes skipped by ON CONFLICT because of a run that existed before this statement.
+
+    A duplicate of a row inserted by the same statement is resolved in `_assemble` without a
+    second statement; only the others need `ACTIVE_BY_SPEC`.
+    """
+    inserted = {s.spec_hash for s, r in zip(specs, rows, strict=True) if r["id"] is not None}
+    return {s.spec_hash for s, r in zip(specs, rows, strict=True)
+            if r["id"] is None and s.spec_hash and s.spec_hash not in inserted}
+
+
+def _json_list(value: Any) -> list[Any]:
+    """A jsonb column that should hold a list; anything else (a hand-edited row) reads as []."""
+    return value if isinstance(value, list) else []
 
 
 def _has_model_refs(row: dict[str, Any]) -> bool:

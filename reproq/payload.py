@@ -201,15 +201,32 @@ def encode_call(args: tuple | list, kwargs: dict) -> tuple[list[Any], dict[str, 
     return enc_args, enc_kwargs
 
 
-def dumps(value: Any) -> str:
-    """Serialise an already-encoded value for a jsonb column."""
+def dumps(value: Any, where: str = "payload") -> str:
+    """Serialise an already-encoded value for a jsonb column (at most MAX_PAYLOAD_BYTES)."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    if len(text) > MAX_PAYLOAD_BYTES:
+    # Cheap test first: a str's UTF-8 form is never shorter than its character count.
+    if len(text) > MAX_PAYLOAD_BYTES or len(text.encode()) > MAX_PAYLOAD_BYTES:
+        size = len(text.encode())
         raise PayloadError(
-            f"payload is {len(text)} characters; reproq stores at most {MAX_PAYLOAD_BYTES}. "
-            "Pass an id and load large data inside the task."
+            f"{where} is {size} bytes as JSON{_largest_part(value, where)}; reproq stores at "
+            f"most {MAX_PAYLOAD_BYTES}. Pass an id and load large data inside the task."
         )
     return text
+
+
+def _largest_part(value: Any, where: str) -> str:
+    """`` (largest: args[1], N bytes)`` for an oversize list or dict, to name the culprit."""
+    if isinstance(value, list):
+        parts = [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+    elif isinstance(value, dict) and MARK not in value:
+        parts = [(f"{where}[{key!r}]", item) for key, item in value.items()]
+    else:
+        return ""
+    if not parts:
+        return ""
+    sizes = [(len(json.dumps(item, ensure_ascii=False).encode()), name) for name, item in parts]
+    size, name = max(sizes)
+    return f" (largest: {name}, {size} bytes)"
 
 
 def spec_hash(backend: str, task_path: str, queue_name: str, args: Any, kwargs: Any) -> str:

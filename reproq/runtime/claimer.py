@@ -1,14 +1,14 @@
 """Claims due rows for this process's queues, as many as there are free slots, one statement each.
 
-It claims again at once while it fills every free slot (more work is likely), and otherwise
-sleeps until the listener wakes it (NOTIFY), a slot frees up after a full claim, or the
-fallback timer fires (missed notifications, poll-only mode).
+It claims again as soon as a slot frees up while it keeps filling every free slot (more work is
+likely waiting), and otherwise sleeps until the listener wakes it (NOTIFY), or the fallback timer
+fires (missed notifications, poll-only mode). Rows claimed while shutdown began are released.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -24,6 +24,8 @@ class Claimer:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._wake = anyio.Event()
+        self.exited = anyio.Event()
+        self.waiting_for_slot = False
         self.claims = 0
         self.claimed = 0
         self.stopping = False
@@ -31,7 +33,11 @@ class Claimer:
     def wake(self) -> None:
         self._wake.set()
 
-    async def claim_once(self, limit: int) -> list[dict]:
+    def slot_freed(self) -> None:
+        if self.waiting_for_slot:
+            self._wake.set()
+
+    async def claim_once(self, limit: int) -> list[dict[str, Any]]:
         rt = self.runtime
         async with rt.pool.connection() as conn:
             cur = await conn.execute(sql.CLAIM, {
@@ -46,23 +52,23 @@ class Claimer:
     async def run(self, tg: anyio.abc.TaskGroup) -> None:
         rt = self.runtime
         executor = rt.executor
-        while not self.stopping:
-            self._wake = anyio.Event()
-            free = executor.free_slots()
-            full = False
-            if free > 0 and not rt.draining:
-                rows = await self.claim_once(free)
-                if rows:
-                    executor.submit(tg, rows)
-                    rt.note_claimed(rows)
-                full = len(rows) == free
-            if self.stopping or rt.draining:
-                return
-            if full or free == 0:
-                # Work is probably waiting: claim again as soon as a slot frees up.
-                slot = executor.slot_freed
+        self.exited = anyio.Event()
+        try:
+            while not self.stopping:
+                self._wake = anyio.Event()
+                free = executor.free_slots()
+                full = False
+                if free > 0:
+                    rows = await self.claim_once(free)
+                    if self.stopping:
+                        await rt.release([int(r["id"]) for r in rows if r["status"] == "RUNNING"])
+                        return
+                    if rows:
+                        executor.submit(tg, rows)
+                        rt.note_claimed(rows)
+                    full = len(rows) == free
+                self.waiting_for_slot = full or free == 0
                 with anyio.move_on_after(rt.poll_interval):
-                    await slot.wait()
-                continue
-            with anyio.move_on_after(rt.poll_interval):
-                await self._wake.wait()
+                    await self._wake.wait()
+        finally:
+            self.exited.set()

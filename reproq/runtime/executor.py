@@ -91,11 +91,11 @@ def decode_call(row: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     return args, kwargs
 
 
-class MetadataSaver:
-    """Writes a running task's metadata (sync from its thread, async on the loop)."""
+class MetadataSaverSync:
+    """Writes a running task's metadata from sync code (its thread or child process)."""
 
-    def __init__(self, runtime: Runtime, run_id: int) -> None:
-        self.runtime = runtime
+    def __init__(self, database: str, run_id: int) -> None:
+        self.database = database
         self.run_id = run_id
 
     def save(self, metadata: dict[str, Any]) -> None:
@@ -104,8 +104,21 @@ class MetadataSaver:
         from .. import sql
 
         text = payload.dumps(payload.encode(metadata, "metadata"))
-        with connections[self.runtime.backend.database].cursor() as cursor:
+        with connections[self.database].cursor() as cursor:
             cursor.execute(sql.SAVE_METADATA, {"metadata": text, "id": self.run_id})
+
+    async def asave(self, metadata: dict[str, Any]) -> None:
+        from asgiref.sync import sync_to_async
+
+        await sync_to_async(self.save, thread_sensitive=False)(metadata)
+
+
+class MetadataSaver(MetadataSaverSync):
+    """Metadata writes of a task running in this process (async ones use the runtime's pool)."""
+
+    def __init__(self, runtime: Runtime, run_id: int) -> None:
+        super().__init__(runtime.backend.database, run_id)
+        self.runtime = runtime
 
     async def asave(self, metadata: dict[str, Any]) -> None:
         from .. import sql
@@ -147,6 +160,7 @@ class Executor:
         self.running.pop(job.id, None)
         self.slot_freed.set()
         self.slot_freed = anyio.Event()
+        self.runtime.claimer.slot_freed()
 
     def cancel(self, run_id: int, *, lost: bool = False) -> bool:
         """Stop a running job: a user cancel (recorded CANCELLED) or a lost lease (not recorded,

@@ -75,6 +75,7 @@ class Runtime:
         self.started_at: float | None = None
         self.processes: Any = None
         self.pool: Any = None
+        self._services: anyio.abc.TaskGroup | None = None
         self._stop: anyio.Event | None = None
         self._done: anyio.Event | None = None
 
@@ -117,6 +118,7 @@ class Runtime:
             if self.processes is not None:
                 await self.processes.start()
             async with anyio.create_task_group() as services:
+                self._services = services
                 async with anyio.create_task_group() as jobs:
                     services.start_soon(self._supervise, "heartbeat", self.heartbeat.run)
                     services.start_soon(self._supervise, "completer", self.completer.run)
@@ -153,6 +155,8 @@ class Runtime:
         self.draining = True
         self.claimer.stopping = True
         self.claimer.wake()
+        with anyio.move_on_after(10):
+            await self.claimer.exited.wait()
         with anyio.move_on_after(self.settings.shutdown_grace_seconds):
             while self.executor.running:
                 await self.executor.slot_freed.wait()
@@ -166,10 +170,22 @@ class Runtime:
     async def _finish(self, leftover: list[int]) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await self.completer.flush()
+            await self.release(leftover)
             async with self.pool.connection() as conn:
-                if leftover:
-                    await conn.execute(sql.RELEASE, {"ids": leftover, "worker": self.worker_id})
                 await conn.execute(sql.DELETE_WORKER, {"worker": self.worker_id})
+
+    async def release(self, ids: list[int]) -> None:
+        """Put runs this process holds back to READY without burning their attempt."""
+        if not ids:
+            return
+        with anyio.CancelScope(shield=True):
+            async with self.pool.connection() as conn:
+                await conn.execute(sql.RELEASE, {"ids": ids, "worker": self.worker_id})
+
+    def spawn_background(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        """Run a one-off coroutine in the services group (e.g. replacing a killed child)."""
+        if self._services is not None:
+            self._services.start_soon(self._supervise, "background", fn)
 
     def request_stop(self) -> None:
         if self._stop is not None:

@@ -5,6 +5,8 @@ import time
 
 from django.tasks import task
 
+from reproq.concurrency import limits_concurrency
+
 
 @task
 def add(a, b):
@@ -42,3 +44,58 @@ def sleepy(seconds):
 @task
 def boom(message="boom"):
     raise ValueError(message)
+
+
+# --- runtime tests -------------------------------------------------------------------------
+
+
+@task(takes_context=True)
+def fail_until(context, succeed_on):
+    if context.attempt < succeed_on:
+        raise RuntimeError(f"failing attempt {context.attempt}")
+    return context.attempt
+
+
+@task
+async def async_sleep(seconds):
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+@task
+def unstorable():
+    return object()
+
+
+@task(takes_context=True)
+def saves_metadata(context, marker):
+    context.metadata["marker"] = marker
+    context.save_metadata()
+    return context.task_result.id
+
+
+@task(takes_context=True)
+async def async_saves_metadata(context, marker):
+    context.metadata["marker"] = marker
+    await context.asave_metadata()
+    return context.attempt
+
+
+@task
+def receives(value):
+    return repr(value)
+
+
+# --------------------------------------------------------------------------- concurrency limits
+
+
+@limits_concurrency(lambda account_id, **_: f"account:{account_id}", to=2)
+@task
+def sync_account(account_id, full=False):
+    return account_id
+
+
+@task
+@limits_concurrency("reports", to=1)
+def build_report(name):
+    return name
