@@ -1,0 +1,1 @@
+"""Benchmarks: run with ``./dev bench`` (see bench/README.md)."""
