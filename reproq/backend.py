@@ -130,12 +130,14 @@ class ReproqBackend(BaseTaskBackend):
 
     # ------------------------------------------------------------------ validation
     def validate_task(self, task: Task) -> None:
+        # Before core's checks, which compare the priority with ints (a str raises TypeError)
+        # and accept floats such as 5.0 that the priority column and enqueue then reject.
+        if not isinstance(task.priority, int) or isinstance(task.priority, bool):
+            raise InvalidTask(f"priority must be an int from -100 to 100, got {task.priority!r}")
         super().validate_task(task)
         if not QUEUE_NAME_RE.match(task.queue_name):
             raise InvalidTask(f"Queue name {task.queue_name!r} is invalid: use 1-64 characters "
                               "from letters, digits, _ . : -")
-        if isinstance(task.priority, bool) or int(task.priority) != task.priority:
-            raise InvalidTask(f"priority must be an int, got {task.priority!r}")
         clash = _reserved_param_clash(task.func)
         if clash:
             raise InvalidTask(

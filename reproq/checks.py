@@ -1,4 +1,7 @@
-"""System checks for REPROQ_RUNTIME (backend OPTIONS are checked by `ReproqBackend.check`)."""
+"""System checks: REPROQ_RUNTIME values, and (with ``--database``) whether any runtime is alive.
+
+Backend OPTIONS are checked by `ReproqBackend.check`, which Django runs for every TASKS entry.
+"""
 
 from __future__ import annotations
 
@@ -17,5 +20,45 @@ def check_runtime_settings(app_configs: Any = None, **kwargs: Any) -> list[check
     ]
 
 
+def check_runtime_alive(app_configs: Any = None, databases: Any = None,
+                        **kwargs: Any) -> list[checks.CheckMessage]:
+    """With `manage.py check --database default`: runs are due but no runtime renews its row."""
+    if not databases:
+        return []
+    from django.db import DatabaseError, connections
+    from django.tasks import task_backends
+
+    from .conf import current_runtime_settings
+
+    rs = current_runtime_settings()
+    try:
+        alias = task_backends[rs.backend].reproq_options.database
+    except Exception:
+        return []
+    if alias not in databases:
+        return []
+    stale = max(rs.poll_fallback_seconds * 2, 60)
+    try:
+        with connections[alias].cursor() as cursor:
+            cursor.execute(
+                "SELECT (SELECT count(*) FROM reproq_workers "
+                "        WHERE last_seen_at > now() - make_interval(secs => %s)),"
+                "       (SELECT count(*) FROM reproq_task_runs WHERE status = 'READY' "
+                "        AND run_after < now() - make_interval(secs => %s))",
+                [rs.lease_seconds * 3, stale])
+            alive, waiting = cursor.fetchone()
+    except DatabaseError:
+        return []
+    if waiting and not alive:
+        return [checks.Warning(
+            f"{waiting} task runs have been due for over {stale:.0f}s and no reproq runtime is "
+            "alive: tasks are not running anywhere",
+            hint="serve the app through reproq.asgi.get_asgi_application() / lifespan(app) with "
+                 "AUTOSTART on, or run `python manage.py reproq worker`",
+            id="reproq.W020")]
+    return []
+
+
 def register() -> None:
     checks.register(check_runtime_settings, "reproq")
+    checks.register(check_runtime_alive, "reproq", checks.Tags.database)

