@@ -10,8 +10,12 @@ def main() -> None:
         from bench import runtime
 
         runtime.main(args)
+    elif name == "enqueue":
+        from bench import enqueue
+
+        enqueue.main(args)
     else:
-        raise SystemExit(f"unknown benchmark {name!r}; available: runtime")
+        raise SystemExit(f"unknown benchmark {name!r}; available: runtime, enqueue")
 
 
 main()

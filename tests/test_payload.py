@@ -1,0 +1,411 @@
+"""reproq.payload: strict, reversible encoding of task arguments, and spec_hash."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import uuid
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import pytest
+from django.db import connection
+from django.tasks.exceptions import InvalidTask
+
+from reproq import payload
+from reproq.payload import MARK, ModelRef, PayloadError
+from tests.testapp.models import Account, Document
+
+
+def roundtrip(value, load=payload.load_model):
+    """encode -> dumps -> json.loads -> decode, as a value travels through the jsonb column."""
+    encoded = payload.encode(value, "args[0]")
+    text = payload.dumps(encoded)
+    assert isinstance(text, str)
+    return payload.decode(json.loads(text), load)
+
+
+def assert_same(value, back):
+    assert back == value
+    assert type(back) is type(value)
+
+
+# --------------------------------------------------------------------------- round trips
+
+PLAIN = [
+    None, True, False, 0, -7, 2**62, 1.5, -0.0, "", "héllo ✓", [], {}, [1, "a", None],
+    {"a": 1, "b": [True, None, {"c": "d"}]},
+]
+
+
+@pytest.mark.parametrize("value", PLAIN, ids=repr)
+def test_plain_json_values_are_stored_as_they_are(value):
+    assert payload.encode(value) == value
+    assert_same(value, roundtrip(value))
+
+
+def test_bool_stays_bool_and_int_stays_int():
+    back = roundtrip([True, 1, 1.0])
+    assert [type(v) for v in back] == [bool, int, float]
+
+
+AWARE = dt.datetime(2024, 3, 5, 14, 30, 15, 123456, tzinfo=dt.UTC)
+
+
+RICH = [
+    AWARE,
+    dt.datetime(2024, 3, 5, 14, 30, 15, 123456, tzinfo=ZoneInfo("Europe/Paris")),
+    dt.datetime(2024, 3, 5, 14, 30, tzinfo=dt.timezone(dt.timedelta(hours=-5, minutes=-30))),
+    dt.datetime(1999, 12, 31, 23, 59, 59),
+    dt.date(2024, 2, 29),
+    dt.time(8, 15, 30, 999),
+    dt.time(8, 15, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+    dt.timedelta(days=-3, seconds=5, microseconds=7),
+    dt.timedelta(0),
+    Decimal("3.14159265358979323846264338327950288"),
+    Decimal("-0.00"),
+    Decimal("1E+10"),
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    b"",
+    b"\x00\xff binary \n",
+    (),
+    (1, "two", 3.0),
+    set(),
+    {1, 2, 3},
+    frozenset({"a", "b"}),
+]
+
+
+@pytest.mark.parametrize("value", RICH, ids=repr)
+def test_rich_types_round_trip(value):
+    back = roundtrip(value)
+    assert_same(value, back)
+
+
+BIG_AND_SMALL_FLOATS = [1e15, 9999999999999998.0, 1e16, -1.5e20, 1.7976931348623157e308, 1e-5,
+                        5e-324, 123.0, 0.1]
+
+
+@pytest.mark.parametrize("value", BIG_AND_SMALL_FLOATS, ids=repr)
+def test_floats_round_trip(value):
+    assert_same(value, roundtrip(value))
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("value", PLAIN + RICH + BIG_AND_SMALL_FLOATS + [2**70, -(2**63)],
+                         ids=repr)
+def test_round_trip_through_a_jsonb_column(value):
+    """What the database gives back, not just what json.loads gives back."""
+    text = payload.dumps(payload.encode(value, "args[0]"))
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT %s::jsonb::text", [text])
+        stored = cursor.fetchone()[0]
+    back = payload.decode(json.loads(stored))
+    assert_same(value, back)
+
+
+def test_datetime_awareness_is_kept():
+    naive = dt.datetime(2024, 1, 1, 12, 0)
+    back_naive = roundtrip(naive)
+    assert back_naive.tzinfo is None
+    back_aware = roundtrip(AWARE)
+    assert back_aware.utcoffset() == dt.timedelta(0)
+    paris = AWARE.astimezone(ZoneInfo("Europe/Paris"))
+    back_paris = roundtrip(paris)
+    assert back_paris == paris
+    assert back_paris.utcoffset() == paris.utcoffset()
+
+
+def test_decimal_keeps_its_exact_digits():
+    value = Decimal("1.10")
+    back = roundtrip(value)
+    assert str(back) == "1.10"
+
+
+def test_tuple_set_frozenset_are_not_confused_with_list():
+    value = [(1, 2), [1, 2], {1, 2}, frozenset({1, 2})]
+    back = roundtrip(value)
+    assert [type(v) for v in back] == [tuple, list, set, frozenset]
+    assert back == value
+
+
+def test_nested_containers_round_trip():
+    value = {
+        "when": AWARE,
+        "items": [(Decimal("1.5"), {b"x", b"y"}), {"deep": [dt.date(2020, 1, 1), None]}],
+        "ids": frozenset({uuid.UUID(int=1), uuid.UUID(int=2)}),
+        "nested": {"tuple_of_sets": ({1}, frozenset({(1, 2)}))},
+    }
+    back = roundtrip(value)
+    assert back == value
+    assert type(back["items"][0]) is tuple
+    assert type(back["nested"]["tuple_of_sets"][1]) is frozenset
+    assert type(next(iter(back["nested"]["tuple_of_sets"][1]))) is tuple
+
+
+def test_encoded_form_is_marker_objects():
+    assert payload.encode(Decimal("2.5")) == {MARK: "decimal", "v": "2.5"}
+    assert payload.encode((1, 2)) == {MARK: "tuple", "v": [1, 2]}
+    assert payload.encode(b"hi") == {MARK: "bytes", "v": "aGk="}
+
+
+def test_dict_with_marker_key_is_escaped():
+    value = {MARK: "datetime", "v": "2024-01-01T00:00:00"}
+    encoded = payload.encode(value)
+    assert encoded == {MARK: "dict", "v": value}
+    back = roundtrip(value)
+    assert_same(value, back)
+    assert isinstance(back["v"], str)  # not decoded into a datetime
+
+
+def test_nested_dicts_with_marker_keys_are_escaped():
+    value = {"outer": {MARK: {MARK: "tuple", "v": [1]}}, MARK: None, "list": [{MARK: 1}]}
+    back = roundtrip(value)
+    assert back == value
+    assert back["outer"][MARK] == {MARK: "tuple", "v": [1]}
+
+
+def test_set_encoding_is_independent_of_insertion_order():
+    a = set()
+    b = set()
+    items = ["x", "yy", "a", "zzz", "b", 3, (1, 2)]
+    for item in items:
+        a.add(item)
+    for item in reversed(items):
+        b.add(item)
+    assert payload.dumps(payload.encode(a)) == payload.dumps(payload.encode(b))
+
+
+@pytest.mark.django_db
+def test_saved_model_with_int_pk_round_trips():
+    account = Account.objects.create(name="acme")
+    encoded = payload.encode(account)
+    assert encoded == {MARK: "model", "v": ["testapp.Account", account.pk]}
+    back = roundtrip(account)
+    assert isinstance(back, Account)
+    assert back.pk == account.pk
+    assert back.name == "acme"
+    assert back is not account
+
+
+@pytest.mark.django_db
+def test_saved_model_with_uuid_pk_round_trips():
+    doc = Document.objects.create(title="spec")
+    back = roundtrip(doc)
+    assert isinstance(back, Document)
+    assert back.pk == doc.pk
+    assert isinstance(back.pk, uuid.UUID)
+    assert back.title == "spec"
+
+
+@pytest.mark.django_db
+def test_models_inside_containers_round_trip():
+    account = Account.objects.create(name="a")
+    doc = Document.objects.create(title="d")
+    back = roundtrip({"pair": (account, doc), "list": [account]})
+    assert back == {"pair": (account, doc), "list": [account]}
+
+
+@pytest.mark.django_db
+def test_decode_without_loader_gives_model_refs():
+    doc = Document.objects.create(title="d")
+    ref = roundtrip(doc, load=None)
+    assert isinstance(ref, ModelRef)
+    assert ref == ModelRef("testapp.Document", doc.pk)
+    assert ref == doc
+    assert ref.get() == doc
+    assert hash(ref) == hash(ModelRef("testapp.Document", doc.pk))
+
+
+@pytest.mark.django_db
+def test_deleted_model_raises_does_not_exist_on_decode():
+    account = Account.objects.create(name="gone")
+    encoded = json.loads(payload.dumps(payload.encode(account)))
+    account.delete()
+    with pytest.raises(Account.DoesNotExist):
+        payload.decode(encoded)
+
+
+def test_encode_call_names_positions_and_keywords():
+    args, kwargs = payload.encode_call((1, (2,)), {"when": dt.date(2024, 1, 1)})
+    assert args == [1, {MARK: "tuple", "v": [2]}]
+    assert kwargs == {"when": {MARK: "date", "v": "2024-01-01"}}
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def assert_payload_error(excinfo, *fragments):
+    err = excinfo.value
+    assert isinstance(err, PayloadError)
+    assert isinstance(err, InvalidTask)
+    assert isinstance(err, TypeError)
+    message = str(err)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_payload_error_is_invalid_task_and_type_error():
+    assert issubclass(PayloadError, InvalidTask)
+    assert issubclass(PayloadError, TypeError)
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "path", "why"),
+    [
+        ((object(),), {}, "args[0]", "builtins.object"),
+        ((1, Opaque()), {}, "args[1]", "Opaque"),
+        ((), {"when": object()}, "kwargs['when']", "builtins.object"),
+        ((float("nan"),), {}, "args[0]", "nan"),
+        ((), {"x": float("inf")}, "kwargs['x']", "inf"),
+        ((-math.inf,), {}, "args[0]", "inf"),
+        (("ok", "bad\x00nul"), {}, "args[1]", "NUL"),
+        (({1: "a"},), {}, "args[0] key 1", "str"),
+        ((), {"d": {"k": {(1, 2): 3}}}, "kwargs['d']['k'] key (1, 2)", "str"),
+        (({"k\x00": 1},), {}, "args[0] key", "NUL"),
+        (([1, [2, object()]],), {}, "args[0][1][1]", "object"),
+        (((1, object()),), {}, "args[0][1]", "object"),
+        (({"a": [None, {"b": float("nan")}]},), {}, "args[0]['a'][1]['b']", "nan"),
+        (({object()},), {}, "args[0] item", "object"),
+        ((), {"v": bytearray(b"x")}, "kwargs['v']", "bytearray"),
+        ((), {"v": [1, 2].__iter__()}, "kwargs['v']", "iterator"),
+    ],
+    ids=lambda v: repr(v)[:40],
+)
+def test_unsupported_values_raise_payload_error_naming_the_argument(args, kwargs, path, why):
+    with pytest.raises(PayloadError) as excinfo:
+        payload.encode_call(args, kwargs)
+    message = assert_payload_error(excinfo, path, why)
+    assert "reproq stores" in message  # says what would work
+
+
+def test_subclasses_of_supported_types_are_rejected():
+    class MyStr(str):
+        pass
+
+    class MyDict(dict):
+        pass
+
+    for value in (MyStr("x"), MyDict(a=1)):
+        with pytest.raises(PayloadError) as excinfo:
+            payload.encode_call((value,), {})
+        assert_payload_error(excinfo, "args[0]")
+
+
+def test_non_str_keyword_names_are_rejected():
+    with pytest.raises(PayloadError):
+        payload.encode_call((), {1: "x"})
+
+
+@pytest.mark.django_db
+def test_unsaved_model_instances_are_rejected():
+    with pytest.raises(PayloadError) as excinfo:
+        payload.encode_call((), {"account": Account(name="new")})
+    assert_payload_error(excinfo, "kwargs['account']", "saved")
+    # a UUID pk is filled in before saving: still rejected, it is not in the database yet
+    with pytest.raises(PayloadError) as excinfo:
+        payload.encode_call((Document(title="new"),), {})
+    assert_payload_error(excinfo, "args[0]", "saved")
+
+
+def test_oversize_payload_is_rejected():
+    big = "x" * (payload.MAX_PAYLOAD_BYTES + 1)
+    with pytest.raises(PayloadError) as excinfo:
+        payload.dumps(payload.encode([big]))
+    assert_payload_error(excinfo, str(payload.MAX_PAYLOAD_BYTES))
+
+
+def test_oversize_payload_names_the_biggest_argument():
+    enc_args, enc_kwargs = payload.encode_call(
+        ("small", "x" * payload.MAX_PAYLOAD_BYTES), {"blob": "y" * payload.MAX_PAYLOAD_BYTES})
+    with pytest.raises(PayloadError) as excinfo:
+        payload.dumps(enc_args, "args")
+    assert_payload_error(excinfo, "args[1]")
+    with pytest.raises(PayloadError) as excinfo:
+        payload.dumps(enc_kwargs, "kwargs")
+    assert_payload_error(excinfo, "kwargs['blob']")
+
+
+def test_payload_limit_counts_bytes_not_characters():
+    # 400,000 three-byte characters: under the limit in characters, over it in bytes
+    text = "€" * 400_000
+    with pytest.raises(PayloadError):
+        payload.dumps(payload.encode([text]))
+
+
+def test_payload_just_under_the_limit_is_accepted():
+    text = "x" * (payload.MAX_PAYLOAD_BYTES - 10)
+    assert len(payload.dumps(text)) == payload.MAX_PAYLOAD_BYTES - 8
+
+
+def test_decode_rejects_unknown_markers():
+    with pytest.raises(ValueError, match="unknown payload marker"):
+        payload.decode({MARK: "pickle", "v": "gASV"})
+
+
+# --------------------------------------------------------------------------- spec_hash
+
+
+def spec(task_path="tests.testapp.tasks.add", queue="default", args=(1, 2), kwargs=None,
+         backend="default"):
+    enc_args, enc_kwargs = payload.encode_call(args, kwargs or {})
+    return payload.spec_hash(backend, task_path, queue, enc_args, enc_kwargs)
+
+
+def test_spec_hash_is_a_stable_sha256_hex():
+    digest = spec()
+    assert len(digest) == 64
+    assert int(digest, 16) >= 0
+    assert digest == spec()
+
+
+def test_spec_hash_is_equal_for_equal_inputs():
+    assert spec(args=(AWARE, Decimal("1.0")), kwargs={"a": 1, "b": 2}) == spec(
+        args=(AWARE, Decimal("1.0")), kwargs={"b": 2, "a": 1})
+    assert spec(args=({"y": 1, "x": [1, 2]},)) == spec(args=({"x": [1, 2], "y": 1},))
+
+
+def test_spec_hash_ignores_set_insertion_order():
+    first, second = set(), set()
+    items = [f"item-{i}" for i in range(50)] + [1, 2.5, (1, "a")]
+    for item in items:
+        first.add(item)
+    for item in reversed(items):
+        second.add(item)
+    assert spec(args=(first,), kwargs={"f": frozenset(items)}) == spec(
+        args=(second,), kwargs={"f": frozenset(reversed(items))})
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"task_path": "tests.testapp.tasks.echo"},
+        {"queue": "emails"},
+        {"backend": "other"},
+        {"args": (2, 1)},
+        {"args": (1, 2, 3)},
+        {"args": (1, 2.0)},
+        {"args": (1, True)},
+        {"args": (1, "2")},
+        {"args": ((1, 2),)},
+        {"args": ([1, 2],)},
+        {"args": (1,), "kwargs": {"b": 2}},
+        {"kwargs": {"x": 1}},
+        {"kwargs": {"x": None}},
+    ],
+    ids=repr,
+)
+def test_spec_hash_differs_when_the_spec_differs(changes):
+    assert spec(**changes) != spec()
+
+
+def test_spec_hash_distinguishes_types_with_the_same_json():
+    assert spec(args=([1, 2],)) != spec(args=((1, 2),))
+    assert spec(args=({1, 2},)) != spec(args=(frozenset({1, 2}),))
+    assert spec(args=("2024-01-01",)) != spec(args=(dt.date(2024, 1, 1),))
