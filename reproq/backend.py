@@ -225,6 +225,11 @@ class ReproqBackend(BaseTaskBackend):
                 conc_limit = rule.limit
         if conc_key is not None and len(conc_key) > MAX_KEY_LENGTH:
             raise InvalidEnqueue(f"concurrency key is longer than {MAX_KEY_LENGTH} characters")
+        if lock_key is not None and conc_key is not None:
+            raise InvalidEnqueue(
+                f"a run takes either lock_key or a concurrency key, not both (got lock_key="
+                f"{lock_key!r} and concurrency key {conc_key!r}); a lock_key is a concurrency "
+                "limit of 1 on its own key")
 
         enc_args, enc_kwargs = payload.encode_call(args, kwargs)
         dedup = opts.dedup_active
@@ -385,6 +390,21 @@ class ReproqBackend(BaseTaskBackend):
                 raise RuntimeError("reproq could not enqueue after repeated dedup races")
             out.extend(results)  # type: ignore[arg-type]
         return out
+
+    # ------------------------------------------------------------------ cancellation
+    def cancel(self, result_id: str) -> ReproqTaskResult:
+        """Cancel a run: READY/WAITING end CANCELLED at once; a RUNNING one is stopped by the
+        process running it (within a second, through NOTIFY). Finished runs are unchanged."""
+        from .control import cancel_runs
+
+        cancel_runs([self._parse_id(result_id)], self.database)
+        return self.get_result(result_id)
+
+    async def acancel(self, result_id: str) -> ReproqTaskResult:
+        from .control import acancel_runs
+
+        await acancel_runs([self._parse_id(result_id)], self.database)
+        return await self.aget_result(result_id)
 
     # ------------------------------------------------------------------ results
     @staticmethod

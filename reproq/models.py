@@ -46,6 +46,11 @@ class TaskRun(models.Model):
     lock_key = models.TextField(null=True, blank=True)
     concurrency_key = models.TextField(null=True, blank=True)
     concurrency_limit = models.IntegerField(null=True, blank=True)
+    # The concurrency semaphore this run needs: "l:<lock_key>" (limit 1) or "c:<key>" (limit N).
+    sem_key = models.TextField(null=True, blank=True)
+    sem_limit = models.IntegerField(null=True, blank=True)
+    # WAITING because its semaphore was full at claim time; made READY when a slot frees.
+    blocked = models.BooleanField(default=False)
     cancel_requested = models.BooleanField(default=False)
     expires_at = models.DateTimeField(null=True, blank=True)
     status_reason = models.TextField(blank=True, default="")
@@ -62,8 +67,11 @@ class TaskRun(models.Model):
             models.Index(fields=["queue_name", "sort_key"], condition=Q(status="READY"),
                          name="reproq_runs_claim"),
             # Promotion of deferred rows whose run_after has come.
-            models.Index(fields=["run_after"], condition=Q(status="WAITING"),
+            models.Index(fields=["run_after"], condition=Q(status="WAITING", blocked=False),
                          name="reproq_runs_waiting"),
+            # Blocked runs of one semaphore, in claim order (unblocked one per freed slot).
+            models.Index(fields=["sem_key", "sort_key"], condition=Q(blocked=True),
+                         name="reproq_runs_blocked"),
             # Reclaim of expired leases, and this process's heartbeat.
             models.Index(fields=["leased_until"], condition=Q(status="RUNNING"),
                          name="reproq_runs_leases"),
@@ -129,27 +137,43 @@ class QueueControl(models.Model):
         return f"{self.queue_name} ({'paused' if self.paused else 'running'})"
 
 
+class ConcurrencySlot(models.Model):
+    """Running count of one semaphore key; the claim increments it atomically, triggers on the
+    runs table decrement it whenever a run leaves RUNNING (however that happens)."""
+
+    key = models.TextField(primary_key=True)
+    running = models.IntegerField(default=0)
+    last_grant = models.IntegerField(default=0)
+
+    class Meta:
+        db_table = "reproq_concurrency"
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.running} running"
+
+
 class RateLimit(models.Model):
     """A token bucket keyed ``task:<path>``, ``queue:<name>`` or ``global``, enforced at claim."""
 
     key = models.CharField(max_length=255, unique=True)
-    limit = models.IntegerField(help_text="tokens added per period")
+    rate = models.IntegerField(help_text="tokens added per period")
     period_seconds = models.FloatField(default=1.0)
     burst = models.IntegerField(help_text="bucket capacity")
     tokens = models.FloatField(default=0.0)
+    last_grant = models.IntegerField(default=0)
     refreshed_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         db_table = "reproq_rate_limits"
         constraints = [
-            models.CheckConstraint(condition=Q(limit__gte=1), name="reproq_rate_limit_positive"),
+            models.CheckConstraint(condition=Q(rate__gte=1), name="reproq_rate_limit_positive"),
             models.CheckConstraint(condition=Q(period_seconds__gt=0),
                                    name="reproq_rate_period_positive"),
             models.CheckConstraint(condition=Q(burst__gte=1), name="reproq_rate_burst_positive"),
         ]
 
     def __str__(self) -> str:
-        return f"{self.key}: {self.limit}/{self.period_seconds}s"
+        return f"{self.key}: {self.rate}/{self.period_seconds}s"
 
 
 class PeriodicTask(models.Model):

@@ -45,14 +45,18 @@ WITH input AS (
     INSERT INTO reproq_task_runs (
         id, backend_alias, task_path, queue_name, priority, status, sort_key, args, kwargs,
         spec_hash, enqueued_at, run_after, attempts, max_attempts, timeout_seconds, worker_ids,
-        errors, metadata, lock_key, concurrency_key, concurrency_limit, cancel_requested,
-        expires_at, status_reason, code_ref, pip_lock_hash
+        errors, metadata, lock_key, concurrency_key, concurrency_limit, sem_key, sem_limit,
+        blocked, cancel_requested, expires_at, status_reason, code_ref, pip_lock_hash
     )
     SELECT new_id, %(backend)s, task_path, queue_name, priority,
            CASE WHEN due > now() THEN 'WAITING' ELSE 'READY' END,
            (extract(epoch FROM due) * 1000000)::bigint - priority::bigint * %(aging_us)s::bigint,
            args::jsonb, kwargs::jsonb, spec_hash, now(), due, 0, max_attempts, timeout, '[]',
-           '[]', '{{}}', lock_key, concurrency_key, concurrency_limit, false,
+           '[]', '{{}}', lock_key, concurrency_key, concurrency_limit,
+           CASE WHEN lock_key IS NOT NULL THEN 'l:' || lock_key
+                WHEN concurrency_key IS NOT NULL THEN 'c:' || concurrency_key END,
+           CASE WHEN lock_key IS NOT NULL THEN 1 ELSE concurrency_limit END,
+           false, false,
            CASE WHEN expires_in IS NULL THEN NULL
                 ELSE due + make_interval(secs => expires_in) END,
            '', %(code_ref)s, %(pip_lock_hash)s
@@ -83,52 +87,132 @@ GET_RESULT = f"SELECT {RESULT_COLUMNS} FROM reproq_task_runs WHERE id = %(id)s"
 
 # --------------------------------------------------------------------------- runtime statements
 
+# Tokens in a bucket now: what was left plus what accrued since, capped at the burst size.
+_REFILLED = ("LEAST(b.burst::float8, b.tokens"
+             " + GREATEST(extract(epoch FROM now() - b.refreshed_at), 0)"
+             " * b.rate / b.period_seconds)")
+
 _NOTIFY_READY_QUEUES = f"""
     SELECT count(pg_notify('{CHANNEL}', 'r:' || q)) AS n
     FROM (SELECT DISTINCT queue_name AS q FROM {{source}} WHERE status = 'READY') d
 """
 
-# Claim up to %(limit)s due rows of the given queues in sort_key order: one index range scan per
-# queue (LATERAL), paused queues skipped, rows locked with SKIP LOCKED so claimers never wait on
-# each other. Rows past expires_at are marked EXPIRED instead of RUNNING (and returned, so the
-# runtime can report them); they do not burn an attempt.
-CLAIM = """
-WITH picked AS (
-    SELECT c.id FROM unnest(%(queues)s::text[]) AS q(name)
+# Claim up to %(limit)s due rows of the given queues in sort_key order, in ONE statement:
+#  1. candidates: one index range scan per non-paused queue (LATERAL), rows locked with SKIP
+#     LOCKED so claimers never wait on each other;
+#  2. rate limits: each candidate's most specific token bucket (task:, queue:, global) is
+#     refilled and debited atomically (a row lock on the bucket serialises claimers; PostgreSQL
+#     re-evaluates the SET on the latest bucket row); rows without a token are deferred to when
+#     their bucket has one (WAITING + run_after) so they do not block other tasks;
+#  3. lock/concurrency keys: rows that got a token take a semaphore slot the same way; rows of a
+#     full semaphore are parked (WAITING, blocked) and woken one per freed slot by a trigger;
+#  4. expired rows become EXPIRED without running.
+# Returns every row it decided on; the runtime runs the RUNNING ones.
+CLAIM = f"""
+WITH cand AS (
+    SELECT c.* FROM (
+        SELECT q.name FROM unnest(%(queues)s::text[]) AS q(name)
+        WHERE NOT EXISTS (SELECT 1 FROM reproq_queue_controls qc
+                          WHERE qc.queue_name = q.name AND qc.paused)
+    ) q
     CROSS JOIN LATERAL (
-        SELECT r.id, r.sort_key FROM reproq_task_runs r
+        SELECT r.id, r.sort_key, r.queue_name, r.task_path, r.sem_key, r.sem_limit,
+               coalesce(r.expires_at <= now(), false) AS expired
+        FROM reproq_task_runs r
         WHERE r.status = 'READY' AND r.queue_name = q.name
         ORDER BY r.sort_key
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     ) c
-    WHERE NOT EXISTS (
-        SELECT 1 FROM reproq_queue_controls qc WHERE qc.queue_name = q.name AND qc.paused
-    )
     ORDER BY c.sort_key
     LIMIT %(limit)s
+), rated AS (
+    SELECT c.*, CASE WHEN c.expired THEN NULL
+                     ELSE coalesce(tb.key, qb.key, gb.key) END AS bucket
+    FROM cand c
+    LEFT JOIN reproq_rate_limits tb ON tb.key = 'task:' || c.task_path
+    LEFT JOIN reproq_rate_limits qb ON qb.key = 'queue:' || c.queue_name
+    LEFT JOIN reproq_rate_limits gb ON gb.key = 'global'
+), want_tokens AS (
+    SELECT bucket, count(*) AS n FROM rated WHERE bucket IS NOT NULL GROUP BY bucket
+), tokens AS (
+    UPDATE reproq_rate_limits b SET
+        last_grant = LEAST(w.n, floor({_REFILLED}))::int,
+        tokens = {_REFILLED} - LEAST(w.n, floor({_REFILLED})),
+        refreshed_at = greatest(now(), b.refreshed_at)
+    FROM want_tokens w
+    WHERE b.key = w.bucket
+    RETURNING b.key, b.last_grant, b.tokens, b.rate, b.period_seconds
+), metered AS (
+    SELECT r.*, t.tokens AS tokens_left, t.rate, t.period_seconds,
+           row_number() OVER (PARTITION BY r.bucket ORDER BY r.sort_key) AS bucket_rank,
+           (r.bucket IS NULL OR row_number() OVER (PARTITION BY r.bucket ORDER BY r.sort_key)
+                                <= coalesce(t.last_grant, 0)) AS has_token
+    FROM rated r LEFT JOIN tokens t ON t.key = r.bucket
+), want_slots AS (
+    SELECT sem_key, count(*) AS n, min(sem_limit) AS lim FROM metered
+    WHERE sem_key IS NOT NULL AND has_token AND NOT expired
+    GROUP BY sem_key
+), slots AS (
+    UPDATE reproq_concurrency s SET
+        last_grant = LEAST(w.n, GREATEST(w.lim - s.running, 0)),
+        running = s.running + LEAST(w.n, GREATEST(w.lim - s.running, 0))
+    FROM want_slots w
+    WHERE s.key = w.sem_key
+    RETURNING s.key, s.last_grant
+), decided AS (
+    SELECT m.id, m.bucket, m.sem_key,
+           CASE
+               WHEN m.expired THEN 'EXPIRED'
+               WHEN NOT m.has_token THEN 'RATE'
+               WHEN m.sem_key IS NULL THEN 'RUN'
+               WHEN row_number() OVER (PARTITION BY m.sem_key, (m.has_token AND NOT m.expired)
+                                       ORDER BY m.sort_key) <= coalesce(sl.last_grant, 0)
+                   THEN 'RUN'
+               ELSE 'BLOCKED'
+           END AS verdict,
+           CASE WHEN m.bucket IS NOT NULL AND NOT m.has_token
+                THEN GREATEST(m.bucket_rank - coalesce(m.tokens_left, 0) - coalesce(
+                         (SELECT t.last_grant FROM tokens t WHERE t.key = m.bucket), 0), 0)
+                     * m.period_seconds / m.rate
+           END AS rate_delay
+    FROM metered m LEFT JOIN slots sl ON sl.key = m.sem_key
+), claimed AS (
+    UPDATE reproq_task_runs t SET
+        status = CASE d.verdict WHEN 'RUN' THEN 'RUNNING' WHEN 'EXPIRED' THEN 'EXPIRED'
+                                ELSE 'WAITING' END,
+        blocked = (d.verdict = 'BLOCKED'),
+        run_after = CASE WHEN d.verdict = 'RATE'
+                         THEN now() + make_interval(secs => GREATEST(d.rate_delay, 0.001))
+                         ELSE t.run_after END,
+        attempts = t.attempts + CASE WHEN d.verdict = 'RUN' THEN 1 ELSE 0 END,
+        started_at = CASE WHEN d.verdict = 'RUN' THEN coalesce(t.started_at, now())
+                          ELSE t.started_at END,
+        last_attempted_at = CASE WHEN d.verdict = 'RUN' THEN now() ELSE t.last_attempted_at END,
+        finished_at = CASE WHEN d.verdict = 'EXPIRED' THEN now() END,
+        worker_ids = CASE WHEN d.verdict = 'RUN' THEN t.worker_ids || to_jsonb(%(worker)s::text)
+                          ELSE t.worker_ids END,
+        lease_owner = CASE WHEN d.verdict = 'RUN' THEN %(worker)s END,
+        leased_until = CASE WHEN d.verdict = 'RUN'
+                            THEN now() + make_interval(secs => %(lease)s) END,
+        status_reason = CASE d.verdict
+            WHEN 'EXPIRED' THEN 'expired: not started before ' || t.expires_at::text
+            WHEN 'RATE' THEN 'rate limited by ' || d.bucket
+            WHEN 'BLOCKED' THEN 'waiting for a free slot of ' || d.sem_key
+            ELSE t.status_reason END
+    FROM decided d
+    WHERE t.id = d.id
+    RETURNING t.id, t.task_path, t.queue_name, t.priority, t.status, t.args, t.kwargs,
+              t.enqueued_at, t.run_after, t.started_at, t.last_attempted_at, t.attempts,
+              t.max_attempts, t.timeout_seconds, t.worker_ids, t.errors, t.metadata,
+              t.cancel_requested
+), notified AS (
+    SELECT count(pg_notify('{CHANNEL}', 'w:' || extract(epoch FROM due)::text)) AS n
+    FROM (SELECT min(run_after) AS due FROM claimed
+          WHERE status = 'WAITING' AND run_after > now()) d
+    WHERE due IS NOT NULL
 )
-UPDATE reproq_task_runs t SET
-    status = CASE WHEN t.expires_at <= now() THEN 'EXPIRED' ELSE 'RUNNING' END,
-    attempts = t.attempts + CASE WHEN t.expires_at <= now() THEN 0 ELSE 1 END,
-    started_at = CASE WHEN t.expires_at <= now() THEN t.started_at
-                      ELSE coalesce(t.started_at, now()) END,
-    last_attempted_at = CASE WHEN t.expires_at <= now() THEN t.last_attempted_at ELSE now() END,
-    finished_at = CASE WHEN t.expires_at <= now() THEN now() END,
-    worker_ids = CASE WHEN t.expires_at <= now() THEN t.worker_ids
-                      ELSE t.worker_ids || to_jsonb(%(worker)s::text) END,
-    lease_owner = CASE WHEN t.expires_at <= now() THEN NULL ELSE %(worker)s END,
-    leased_until = CASE WHEN t.expires_at <= now() THEN NULL
-                        ELSE now() + make_interval(secs => %(lease)s) END,
-    status_reason = CASE WHEN t.expires_at <= now()
-                         THEN 'expired: not started before ' || t.expires_at::text
-                         ELSE t.status_reason END
-FROM picked
-WHERE t.id = picked.id
-RETURNING t.id, t.task_path, t.queue_name, t.priority, t.status, t.args, t.kwargs,
-          t.enqueued_at, t.run_after, t.started_at, t.last_attempted_at, t.attempts,
-          t.max_attempts, t.timeout_seconds, t.worker_ids, t.errors, t.metadata,
-          t.cancel_requested
+SELECT claimed.*, (SELECT n FROM notified) AS notified FROM claimed
 """
 
 # Record finished attempts of one worker in one statement. Rows whose lease this worker lost
@@ -141,9 +225,10 @@ WITH input AS (
     ) AS u(id, status, return_value, error, delay, reason, metadata)
 ), done AS (
     UPDATE reproq_task_runs t SET
-        status = u.status,
+        status = CASE WHEN t.cancel_requested AND u.status IN ('READY', 'WAITING', 'FAILED')
+                      THEN 'CANCELLED' ELSE u.status END,
         finished_at = CASE WHEN u.status IN ('SUCCESSFUL', 'FAILED', 'CANCELLED', 'EXPIRED')
-                           THEN now() END,
+                                OR t.cancel_requested THEN now() END,
         return_value = u.return_value::jsonb,
         errors = CASE WHEN u.error IS NULL THEN t.errors
                       ELSE t.errors || jsonb_build_array(u.error::jsonb) END,
@@ -156,7 +241,8 @@ WITH input AS (
                                       + make_interval(secs => coalesce(u.delay, 0)))
                               * 1000000)::bigint - t.priority::bigint * %(aging_us)s::bigint
                         ELSE t.sort_key END,
-        status_reason = coalesce(u.reason, ''),
+        status_reason = CASE WHEN t.cancel_requested AND u.status IN ('READY', 'WAITING', 'FAILED')
+                             THEN 'cancelled while running' ELSE coalesce(u.reason, '') END,
         lease_owner = NULL,
         leased_until = NULL
     FROM input u
@@ -203,15 +289,18 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 ), back AS (
     UPDATE reproq_task_runs t SET
-        status = CASE WHEN t.attempts >= t.max_attempts THEN 'FAILED' ELSE 'READY' END,
-        finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
+        status = CASE WHEN t.cancel_requested THEN 'CANCELLED'
+                      WHEN t.attempts >= t.max_attempts THEN 'FAILED' ELSE 'READY' END,
+        finished_at = CASE WHEN t.cancel_requested OR t.attempts >= t.max_attempts
+                           THEN now() END,
         errors = t.errors || jsonb_build_array(jsonb_build_object(
             'exception_class_path', 'reproq.exceptions.LeaseExpired',
             'traceback', 'reproq.exceptions.LeaseExpired: lease expired: worker '
                          || coalesce(t.lease_owner, '?')
                          || ' stopped renewing it (process killed or stuck)',
             'attempt', t.attempts, 'worker_id', t.lease_owner, 'at', now())),
-        status_reason = 'lease expired',
+        status_reason = CASE WHEN t.cancel_requested THEN 'cancelled (its worker stopped)'
+                             ELSE 'lease expired' END,
         lease_owner = NULL,
         leased_until = NULL
     FROM expired
@@ -234,7 +323,8 @@ SELECT (SELECT count(*) FROM back WHERE status = 'READY') AS requeued,
 RELEASE = f"""
 WITH back AS (
     UPDATE reproq_task_runs SET
-        status = 'READY',
+        status = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE 'READY' END,
+        finished_at = CASE WHEN cancel_requested THEN now() END,
         attempts = greatest(attempts - 1, 0),
         worker_ids = CASE WHEN jsonb_array_length(worker_ids) > 0
                           THEN worker_ids - (jsonb_array_length(worker_ids) - 1)
@@ -242,7 +332,8 @@ WITH back AS (
         started_at = CASE WHEN attempts <= 1 THEN NULL ELSE started_at END,
         lease_owner = NULL,
         leased_until = NULL,
-        status_reason = 'released at shutdown'
+        status_reason = CASE WHEN cancel_requested THEN 'cancelled while running'
+                             ELSE 'released at shutdown' END
     WHERE id = ANY(%(ids)s::bigint[]) AND status = 'RUNNING' AND lease_owner = %(worker)s
     RETURNING id, status, queue_name
 ), notified AS (
@@ -256,7 +347,7 @@ SELECT (SELECT count(*) FROM back) AS released, (SELECT n FROM notified) AS noti
 PROMOTE = f"""
 WITH due AS (
     SELECT id FROM reproq_task_runs
-    WHERE status = 'WAITING' AND run_after <= now()
+    WHERE status = 'WAITING' AND NOT blocked AND run_after <= now()
     ORDER BY run_after
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -270,7 +361,65 @@ SELECT (SELECT count(*) FROM up) AS promoted,
        (SELECT array_agg(DISTINCT queue_name) FROM up) AS queues,
        (SELECT n FROM notified) AS notified,
        (SELECT extract(epoch FROM min(run_after))::float8 FROM reproq_task_runs
-        WHERE status = 'WAITING' AND run_after > now()) AS next_due
+        WHERE status = 'WAITING' AND NOT blocked AND run_after > now()) AS next_due
+"""
+
+# Safety net for parked runs: create missing semaphore rows and wake blocked runs whose key has
+# room (the release trigger normally wakes them one per freed slot).
+UNBLOCK = f"""
+WITH missing AS (
+    INSERT INTO reproq_concurrency (key, running, last_grant)
+    SELECT DISTINCT sem_key, 0, 0 FROM reproq_task_runs WHERE blocked AND status = 'WAITING'
+    ON CONFLICT (key) DO NOTHING
+    RETURNING key
+), free AS (
+    SELECT r.id FROM reproq_task_runs r JOIN reproq_concurrency c ON c.key = r.sem_key
+    WHERE r.blocked AND r.status = 'WAITING' AND c.running < coalesce(r.sem_limit, 1)
+    ORDER BY r.sort_key
+    LIMIT %(limit)s
+    FOR UPDATE OF r SKIP LOCKED
+), woke AS (
+    UPDATE reproq_task_runs t SET status = 'READY', blocked = false, status_reason = ''
+    FROM free WHERE t.id = free.id
+    RETURNING t.queue_name, t.status
+), notified AS (
+    {_NOTIFY_READY_QUEUES.format(source="woke")}
+)
+SELECT (SELECT count(*) FROM woke) AS woken, (SELECT count(*) FROM missing) AS created,
+       (SELECT n FROM notified) AS notified
+"""
+
+# Cancel: waiting runs end at once; running ones get cancel_requested and a NOTIFY so that the
+# process running them stops them (async: cancelled; sync: context.cancel_requested; process
+# mode: the child is killed). Final runs are left as they are.
+CANCEL = f"""
+WITH upd AS (
+    UPDATE reproq_task_runs t SET
+        status = CASE WHEN t.status IN ('READY', 'WAITING') THEN 'CANCELLED' ELSE t.status END,
+        finished_at = CASE WHEN t.status IN ('READY', 'WAITING') THEN now()
+                           ELSE t.finished_at END,
+        blocked = false,
+        cancel_requested = true,
+        status_reason = CASE WHEN t.status IN ('READY', 'WAITING')
+                             THEN 'cancelled before it started'
+                             ELSE 'cancel requested while running' END
+    WHERE t.id = ANY(%(ids)s::bigint[]) AND t.status IN ('READY', 'WAITING', 'RUNNING')
+    RETURNING t.id, t.status
+), notified AS (
+    SELECT count(pg_notify('{CHANNEL}', 'c:' || id)) AS n FROM upd WHERE status = 'RUNNING'
+)
+SELECT (SELECT count(*) FROM upd) AS changed, (SELECT n FROM notified) AS notified
+"""
+
+SET_PAUSED = f"""
+WITH up AS (
+    INSERT INTO reproq_queue_controls (queue_name, paused, reason, updated_at, updated_by)
+    VALUES (%(queue)s, %(paused)s, %(reason)s, now(), %(by)s)
+    ON CONFLICT (queue_name) DO UPDATE SET paused = EXCLUDED.paused, reason = EXCLUDED.reason,
+        updated_at = now(), updated_by = EXCLUDED.updated_by
+    RETURNING queue_name
+)
+SELECT pg_notify('{CHANNEL}', 'q:' || queue_name) FROM up
 """
 
 DELETE_WORKER = "DELETE FROM reproq_workers WHERE id = %(worker)s"

@@ -58,15 +58,20 @@ class Claimer:
                 self._wake = anyio.Event()
                 free = executor.free_slots()
                 full = False
+                ran = 0
                 if free > 0:
                     rows = await self.claim_once(free)
+                    runnable = [r for r in rows if r["status"] == "RUNNING"]
+                    ran = len(runnable)
                     if self.stopping:
-                        await rt.release([int(r["id"]) for r in rows if r["status"] == "RUNNING"])
+                        await rt.release([int(r["id"]) for r in runnable])
                         return
-                    if rows:
-                        executor.submit(tg, rows)
-                        rt.note_claimed(rows)
+                    if runnable:
+                        executor.submit(tg, runnable)
+                    rt.note_claimed(rows)
                     full = len(rows) == free
+                    if full and ran < free:
+                        continue  # parked blocked/rate-limited rows: look further at once
                 self.waiting_for_slot = full or free == 0
                 with anyio.move_on_after(rt.poll_interval):
                     await self._wake.wait()

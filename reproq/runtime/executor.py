@@ -263,8 +263,9 @@ class Executor:
         except TaskCancelled as exc:
             completion = self._cancelled(job, exc)
         except Exception as exc:
-            completion = self._fail(job, exc)
-            if completion.status == "FAILED":
+            completion = (self._cancelled(job, exc) if job.cancel_requested
+                          else self._fail(job, exc))
+            if completion.status in {"FAILED", "CANCELLED"}:
                 await self._signal(task_finished, self._final(task, job, args, kwargs, completion))
             return self._with_metadata(completion, context)
         finally:
@@ -324,8 +325,9 @@ class Executor:
             except TaskCancelled as exc:
                 completion = self._cancelled(job, exc)
             except Exception as exc:
-                completion = self._fail(job, exc)
-                if completion.status == "FAILED":
+                completion = (self._cancelled(job, exc) if job.cancel_requested
+                              else self._fail(job, exc))
+                if completion.status in {"FAILED", "CANCELLED"}:
                     _send(task_finished, self._final(task, job, args, kwargs, completion))
                 return self._with_metadata(completion, context)
             if completion.status in {"SUCCESSFUL", "FAILED", "CANCELLED"}:

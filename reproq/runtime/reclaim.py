@@ -1,5 +1,6 @@
-"""Returns runs whose lease expired to READY (or FAILED when attempts are spent), and removes
-worker rows that stopped renewing. Every process runs it; SKIP LOCKED keeps them apart."""
+"""Returns runs whose lease expired to READY (or FAILED when attempts are spent), removes worker
+rows that stopped renewing, and wakes parked runs whose concurrency key has room again (a safety
+net behind the release trigger). Every process runs it; SKIP LOCKED keeps them apart."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ class Reclaimer:
             rt.claimer.wake()
         self.requeued += requeued
         self.failed += failed
+        async with rt.pool.connection() as conn:
+            cur = await conn.execute(sql.UNBLOCK, {"limit": BATCH})
+            woke = await cur.fetchone()
+        if woke["woken"]:
+            rt.claimer.wake()
         return requeued + failed
 
     async def run(self) -> None:

@@ -88,7 +88,14 @@ class Runtime:
         self.promoter.poke()
 
     def note_claimed(self, rows: list[dict[str, Any]]) -> None:
-        self.outcomes["claimed"] += len(rows)
+        for row in rows:
+            status = row["status"]
+            if status == "RUNNING":
+                self.outcomes["claimed"] += 1
+            elif status == "EXPIRED":
+                self.outcomes["EXPIRED"] += 1
+            else:
+                self.outcomes["deferred"] += 1
 
     def observe(self, completion: Completion) -> None:
         self.outcomes[completion.status] += 1
