@@ -37,6 +37,14 @@ from tests.testapp.models import Account, Document
 WHEN = dt.datetime(2024, 5, 17, 9, 30, 0, 250000, tzinfo=dt.UTC)
 
 
+
+def move_to(pk, status, **fields):
+    """Put a run in `status` by hand along allowed transitions (final states are final)."""
+    qs = TaskRun.objects.filter(pk=pk)
+    if status in {"SUCCESSFUL", "FAILED", "CANCELLED"}:
+        qs.update(status="RUNNING")
+    qs.update(status=status, **fields)
+
 def backend():
     return task_backends["default"]
 
@@ -184,8 +192,7 @@ def test_get_result_round_trip_and_refresh():
     assert fetched.enqueued_at == result.enqueued_at
     assert backend().get_result(int(result.id)).id == result.id
 
-    TaskRun.objects.filter(pk=result.id).update(
-        status="SUCCESSFUL", return_value=9, finished_at=timezone.now(),
+    move_to(result.id, "SUCCESSFUL", return_value=9, finished_at=timezone.now(),
         started_at=timezone.now(), worker_ids=["w1"])
     result.refresh()
     assert result.status == TaskResultStatus.SUCCESSFUL
@@ -205,7 +212,7 @@ def test_enqueue_is_exactly_one_statement():
         tasks.add.enqueue(1, 2)
     assert len(ctx.captured_queries) == 1, ctx.captured_queries
     with CaptureQueriesContext(connection) as ctx:
-        tasks.echo.enqueue(1, run_after=timedelta(seconds=30), priority=9, lock_key="k",
+        tasks.echo.enqueue(1, run_after=timedelta(seconds=30), priority=9,
                            concurrency_key="c", concurrency_limit=1)
     assert len(ctx.captured_queries) == 1
 
@@ -374,7 +381,7 @@ def test_dedup_can_be_switched_per_task():
 @pytest.mark.parametrize("final", ["SUCCESSFUL", "FAILED", "CANCELLED", "EXPIRED"])
 def test_dedup_applies_only_while_active(final):
     first = tasks.add.enqueue(1, 2)
-    TaskRun.objects.filter(pk=first.id).update(status=final, finished_at=timezone.now())
+    move_to(first.id, final, finished_at=timezone.now())
     second = tasks.add.enqueue(1, 2)
     assert second.id != first.id
     assert second.raw_status == "READY"
@@ -517,15 +524,19 @@ def test_dedup_hit_sends_no_notify(listener):
 @pytest.mark.django_db
 def test_reserved_kwargs_are_stored_in_columns_and_removed_from_kwargs():
     when = timezone.now() + timedelta(hours=2)
-    result = tasks.echo.enqueue(1, run_after=when, priority=7, lock_key="lock:1",
+    result = tasks.echo.enqueue(1, run_after=when, priority=7,
                                 concurrency_key="conc:1", concurrency_limit=3, other="x")
+    locked = tasks.echo.enqueue(2, lock_key="lock:1")
     row = TaskRun.objects.get(pk=result.id)
     assert row.run_after == when
     assert row.status == "WAITING"
     assert row.priority == 7
-    assert row.lock_key == "lock:1"
     assert row.concurrency_key == "conc:1"
     assert row.concurrency_limit == 3
+    assert (row.sem_key, row.sem_limit) == ("c:conc:1", 3)
+    locked_row = TaskRun.objects.get(pk=locked.id)
+    assert locked_row.lock_key == "lock:1"
+    assert (locked_row.sem_key, locked_row.sem_limit) == ("l:lock:1", 1)
     assert row.args == [1]
     assert row.kwargs == {"other": "x"}
     assert result.kwargs == {"other": "x"}
@@ -798,7 +809,7 @@ def test_get_result_maps_every_raw_status(raw, expected):
     if raw == "FAILED":
         changes["errors"] = [{"exception_class_path": "builtins.ValueError",
                               "traceback": "Traceback ...\nValueError: bad"}]
-    TaskRun.objects.filter(pk=result.id).update(**changes)
+    move_to(result.id, changes.pop("status"), **changes)
 
     fetched = tasks.add.get_result(result.id)
     assert fetched.status == expected
@@ -831,7 +842,7 @@ def test_get_result_maps_every_raw_status(raw, expected):
 @pytest.mark.django_db
 def test_successful_with_none_return_value():
     result = tasks.add.enqueue(1, 2)
-    TaskRun.objects.filter(pk=result.id).update(status="SUCCESSFUL", finished_at=timezone.now())
+    move_to(result.id, "SUCCESSFUL", finished_at=timezone.now())
     assert tasks.add.get_result(result.id).return_value is None
 
 
@@ -897,9 +908,10 @@ def test_row_with_garbage_everywhere_still_gives_a_result():
     assert result.errors == []
     assert result.worker_ids == []
     assert result.metadata == {}
-    row.status = "SUCCESSFUL"
-    row.errors = [None, "text", {"exception_class_path": "x.Y"}]
-    row.save()
+    TaskRun.objects.filter(pk=row.pk).delete()
+    row = hand_row(task_path="gone.task", status="SUCCESSFUL",
+                   errors=[None, "text", {"exception_class_path": "x.Y"}],
+                   return_value={"__reproq__": "bogus"})
     result = backend().get_result(str(row.pk))
     assert result.return_value == {"__reproq__": "bogus"}  # shown as stored
     assert [e.exception_class_path for e in result.errors] == ["x.Y"]

@@ -8,6 +8,10 @@ from types import ModuleType
 SUBCOMMANDS = {
     "worker": "Run the reproq runtime without a web server (same runtime as in ASGI).",
     "config": "Print the effective runtime settings and where each value comes from.",
+    "cancel": "Cancel runs by id (waiting ones at once, running ones within a second).",
+    "pause-queue": "Pause a queue in every process (running tasks finish; nothing new starts).",
+    "resume-queue": "Resume a paused queue in every process.",
+    "limit": "Manage rate limits: limit set KEY RATE [--per SECONDS] [--burst N] | ls | rm KEY.",
 }
 
 

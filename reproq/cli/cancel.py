@@ -1,0 +1,35 @@
+"""``manage.py reproq cancel --id N [--id M ...]``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+
+def _run_id(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run id (a positive whole number)")
+    return int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--id", dest="ids", type=_run_id, action="append", required=True,
+                        help="run id to cancel (repeatable)")
+
+
+def handle(command: BaseCommand, **options: Any) -> None:
+    from ..control import cancel_runs
+    from ..models import TaskRun
+
+    ids = options["ids"]
+    known = set(TaskRun.objects.filter(pk__in=ids).values_list("pk", flat=True))
+    missing = [i for i in ids if i not in known]
+    changed = cancel_runs(ids)
+    for run in TaskRun.objects.filter(pk__in=ids).order_by("pk"):
+        command.stdout.write(f"{run.pk}: {run.status} ({run.status_reason or 'unchanged'})")
+    command.stdout.write(f"{changed} of {len(ids)} runs were active and are cancelled or "
+                         "told to stop")
+    if missing:
+        raise CommandError(f"no such runs: {', '.join(map(str, missing))}")
