@@ -167,6 +167,12 @@ class RuntimeSettings:
     worker_id: str = ""
     lazy_start: bool = True
     not_started_warning_seconds: float = 30.0
+    events_retention_seconds: float = 600.0
+    beat: bool = True  # compete for beat leadership (cron schedules) in this process
+    beat_interval_seconds: float = 2.0
+    leader_timeout_seconds: float = 15.0
+    misfire_grace_seconds: float = 60.0
+    sync_recurring_on_migrate: bool = True
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -188,6 +194,12 @@ _RUNTIME_KINDS: dict[str, str] = {
     "worker_id": "str",
     "lazy_start": "bool",
     "not_started_warning_seconds": "posnum",
+    "events_retention_seconds": "posnum",
+    "beat": "bool",
+    "beat_interval_seconds": "posnum",
+    "leader_timeout_seconds": "posnum",
+    "misfire_grace_seconds": "posnum",
+    "sync_recurring_on_migrate": "bool",
 }
 
 _HINTS = {
@@ -288,6 +300,18 @@ def load_runtime_settings(
                                 f"{rs.heartbeat_seconds} must be below LEASE_SECONDS "
                                 f"({rs.lease_seconds})",
                                 "renew leases several times per lease, e.g. 10 and 60"))
+    if rs.beat_interval_seconds * 2 > rs.leader_timeout_seconds:
+        problems.append(Problem("REPROQ_RUNTIME['BEAT_INTERVAL_SECONDS']",
+                                f"{rs.beat_interval_seconds} must be at most half of "
+                                f"LEADER_TIMEOUT_SECONDS ({rs.leader_timeout_seconds})",
+                                "check leadership several times per timeout, e.g. 2 and 15"))
+    elif rs.misfire_grace_seconds < 2 * (rs.leader_timeout_seconds + rs.beat_interval_seconds):
+        problems.append(Problem("REPROQ_RUNTIME['MISFIRE_GRACE_SECONDS']",
+                                f"{rs.misfire_grace_seconds} is shorter than a worst-case leader "
+                                "failover (2 x (LEADER_TIMEOUT_SECONDS + BEAT_INTERVAL_SECONDS) = "
+                                f"{2 * (rs.leader_timeout_seconds + rs.beat_interval_seconds):g})",
+                                "raise it (default 60) so ticks missed in a failover are caught "
+                                "up one by one"))
     tasks = getattr(settings, "TASKS", {})
     if rs.backend not in tasks:
         problems.append(Problem("REPROQ_RUNTIME['BACKEND']", f"{rs.backend!r} is not in TASKS",

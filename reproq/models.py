@@ -1,14 +1,17 @@
-"""The reproq schema: task runs, workers, periodic schedules, rate limits and queue controls.
+"""The reproq schema: task runs, workers, periodic schedules, rate limits, queue controls, events.
 
-The hot paths (enqueue, claim, heartbeat, reclaim, complete) use raw SQL from `reproq.sql` and
-`reproq.runtime.sql`; these models give the admin, management commands and user-facing reads a
+The hot paths (enqueue, claim, heartbeat, reclaim, complete) use raw SQL from `reproq.sql`;
+these models give the admin, management commands and user-facing reads a
 typed view of the same tables, and own the migrations.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Now
 
 from .states import ACTIVE, RawStatus
 
@@ -215,6 +218,20 @@ class PeriodicTask(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.cron_expr})"
 
+    def clean(self) -> None:
+        """Invalid cron expressions, time zones and task paths, by field (see reproq.recurring)."""
+        from .recurring import validate_schedule
+
+        validate_schedule(self)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Refuse invalid schedules (ValidationError) and keep next_run_at right; a due
+        next_run_at is never moved (run now: set next_run_at to now)."""
+        from .recurring import prepare_for_save
+
+        prepare_for_save(self)
+        super().save(*args, **kwargs)
+
 
 class ScheduleTick(models.Model):
     """One fire of a schedule, written in the enqueue's transaction: the exactly-once record."""
@@ -228,3 +245,29 @@ class ScheduleTick(models.Model):
         db_table = "reproq_schedule_ticks"
         constraints = [models.UniqueConstraint(fields=["schedule", "scheduled_for"],
                                                name="reproq_tick_once")]
+
+
+class Event(models.Model):
+    """A state change, published for the live dashboard (SSE) by every process.
+
+    Frequent changes (enqueued, started, succeeded) are aggregated per task and queue for each
+    statement or flush (``data.count``, ``data.run_ids``); rare ones (failed, retried,
+    cancelled, expired, worker and queue changes) are one row each. Rows older than
+    EVENTS_RETENTION_SECONDS are pruned by the reclaim service.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    created_at = models.DateTimeField(db_default=Now())
+    kind = models.CharField(max_length=32)
+    run_id = models.BigIntegerField(null=True, blank=True)
+    task_path = models.TextField(blank=True, default="")
+    queue_name = models.CharField(max_length=64, blank=True, default="")
+    worker_id = models.CharField(max_length=64, blank=True, default="")
+    data = models.JSONField(default=dict)
+
+    class Meta:
+        db_table = "reproq_events"
+        indexes = [models.Index(fields=["created_at"], name="reproq_events_created")]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.kind} {self.task_path}"

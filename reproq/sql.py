@@ -63,6 +63,13 @@ WITH input AS (
     FROM timed ORDER BY ord
     ON CONFLICT (spec_hash) WHERE status IN {ACTIVE_SQL} DO NOTHING
     RETURNING id, spec_hash, status, enqueued_at, run_after, queue_name
+), events AS (
+    INSERT INTO reproq_events (created_at, kind, run_id, task_path, queue_name, worker_id, data)
+    SELECT now(), 'enqueued', min(i.id), t.task_path, i.queue_name, '',
+           jsonb_build_object('count', count(*), 'run_ids', (array_agg(i.id ORDER BY i.id))[1:20])
+    FROM ins i JOIN timed t ON t.new_id = i.id
+    GROUP BY t.task_path, i.queue_name
+    RETURNING 1
 ), notified AS (
     SELECT count(pg_notify('{CHANNEL}', payload)) AS n FROM (
         SELECT DISTINCT 'r:' || queue_name AS payload FROM ins WHERE status = 'READY'
@@ -417,9 +424,36 @@ WITH up AS (
     VALUES (%(queue)s, %(paused)s, %(reason)s, now(), %(by)s)
     ON CONFLICT (queue_name) DO UPDATE SET paused = EXCLUDED.paused, reason = EXCLUDED.reason,
         updated_at = now(), updated_by = EXCLUDED.updated_by
-    RETURNING queue_name
+    RETURNING queue_name, paused, reason
+), events AS (
+    INSERT INTO reproq_events (created_at, kind, queue_name, data)
+    SELECT now(), CASE WHEN paused THEN 'queue_paused' ELSE 'queue_resumed' END, queue_name,
+           jsonb_build_object('reason', reason, 'by', %(by)s::text)
+    FROM up
+    RETURNING 1
 )
 SELECT pg_notify('{CHANNEL}', 'q:' || queue_name) FROM up
+"""
+
+# The runtime's event buffer, flushed a few times a second at most: one INSERT and one NOTIFY
+# per flush, never per task.
+PUBLISH_EVENTS = f"""
+WITH ins AS (
+    INSERT INTO reproq_events (created_at, kind, run_id, task_path, queue_name, worker_id, data)
+    SELECT now(), kind, run_id, task_path, queue_name, %(worker)s, data::jsonb
+    FROM unnest(%(kind)s::text[], %(run_id)s::bigint[], %(task_path)s::text[],
+                %(queue_name)s::text[], %(data)s::text[])
+         AS e(kind, run_id, task_path, queue_name, data)
+    RETURNING id
+)
+SELECT pg_notify('{CHANNEL}', 'e:' || max(id)) FROM ins
+"""
+
+PRUNE_EVENTS = """
+DELETE FROM reproq_events
+WHERE id IN (SELECT id FROM reproq_events
+             WHERE created_at < now() - make_interval(secs => %(keep)s)
+             ORDER BY id LIMIT 10000)
 """
 
 DELETE_WORKER = "DELETE FROM reproq_workers WHERE id = %(worker)s"

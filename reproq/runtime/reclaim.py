@@ -41,6 +41,7 @@ class Reclaimer:
         async with rt.pool.connection() as conn:
             cur = await conn.execute(sql.UNBLOCK, {"limit": BATCH})
             woke = await cur.fetchone()
+            await conn.execute(sql.PRUNE_EVENTS, {"keep": rt.settings.events_retention_seconds})
         if woke["woken"]:
             rt.claimer.wake()
         return requeued + failed

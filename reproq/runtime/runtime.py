@@ -22,8 +22,10 @@ from django.tasks import task_backends
 from .. import db, sql
 from ..backend import ReproqBackend
 from ..conf import RuntimeSettings, load_runtime_settings, parse_backend_options
+from .beat import Beat
 from .claimer import Claimer
 from .completer import Completer
+from .events import EventPublisher
 from .executor import Executor
 from .heartbeat import Heartbeat
 from .listener import Listener
@@ -88,6 +90,7 @@ class Runtime:
         self.promoter.poke()
 
     def note_claimed(self, rows: list[dict[str, Any]]) -> None:
+        self.events.started(rows)
         for row in rows:
             status = row["status"]
             if status == "RUNNING":
@@ -99,6 +102,7 @@ class Runtime:
 
     def observe(self, completion: Completion) -> None:
         self.outcomes[completion.status] += 1
+        self.events.finished(completion)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -112,6 +116,8 @@ class Runtime:
         self.promoter = Promoter(self)
         self.heartbeat = Heartbeat(self)
         self.reclaimer = Reclaimer(self)
+        self.beat = Beat(self)
+        self.events = EventPublisher(self)
         if rs.process_queues:
             from .processes import ProcessPool
 
@@ -131,8 +137,11 @@ class Runtime:
                     services.start_soon(self._supervise, "completer", self.completer.run)
                     services.start_soon(self._supervise, "reclaim", self.reclaimer.run)
                     services.start_soon(self._supervise, "promoter", self.promoter.run)
+                    services.start_soon(self._supervise, "events", self.events.run)
                     if rs.listen:
                         services.start_soon(self._supervise, "listener", self.listener.run)
+                    if rs.beat:
+                        services.start_soon(self._supervise, "beat", self.beat.run)
                     services.start_soon(self._supervise, "claimer",
                                         lambda: self.claimer.run(jobs))
                     self.state = "running"
@@ -140,6 +149,9 @@ class Runtime:
                     logger.info("reproq: runtime %s started (queues=%s, concurrency=%d, %s)",
                                 self.worker_id, ",".join(self.queues), rs.concurrency,
                                 "LISTEN/NOTIFY" if rs.listen else "poll-only")
+                    self.events.single("worker_joined", None, data={
+                        "queues": list(self.queues), "concurrency": rs.concurrency,
+                        "server": self.identity.server})
                     task_status.started()
                     await self._stop.wait()
                     leftover = await self._drain()
@@ -176,10 +188,13 @@ class Runtime:
 
     async def _finish(self, leftover: list[int]) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            await self.beat.shutdown()  # release the leader lock before the worker row goes
             await self.completer.flush()
             await self.release(leftover)
             async with self.pool.connection() as conn:
                 await conn.execute(sql.DELETE_WORKER, {"worker": self.worker_id})
+            self.events.single("worker_left", None, data={"released": len(leftover)})
+            await self.events.flush()
 
     async def release(self, ids: list[int]) -> None:
         """Put runs this process holds back to READY without burning their attempt."""
@@ -229,4 +244,5 @@ class Runtime:
             "running": len(self.executor.running) if hasattr(self, "executor") else 0,
             "crashes": dict(self.crashes), "outcomes": dict(self.outcomes),
             "listening": bool(getattr(self, "listener", None) and self.listener.conn is not None),
+            "leader": self.beat.status() if hasattr(self, "beat") else None,
         }
