@@ -99,6 +99,24 @@ _REFILLED = ("LEAST(b.burst::float8, b.tokens"
              " + GREATEST(extract(epoch FROM now() - b.refreshed_at), 0)"
              " * b.rate / b.period_seconds)")
 
+# Semaphore rows (reproq_concurrency) are locked by several statements that touch many keys at
+# once: the claim, and the release trigger fired once per run leaving RUNNING (COMPLETE, RECLAIM,
+# RELEASE). Row locks taken in whatever order a plan or a batch happens to produce deadlock
+# against each other, so every such statement first locks the rows it needs in key order (and
+# the claim locks its token buckets in key order before any semaphore row).
+_LOCK_SEMAPHORES = """
+    SELECT s.key FROM reproq_concurrency s
+    WHERE s.key IN ({keys})
+    ORDER BY s.key
+    FOR UPDATE
+"""
+_SEMS_OF_INPUT = ("SELECT r.sem_key FROM reproq_task_runs r JOIN input i ON i.id = r.id"
+                  " WHERE r.sem_key IS NOT NULL AND r.status = 'RUNNING'")
+_SEMS_OF_EXPIRED = ("SELECT r.sem_key FROM reproq_task_runs r JOIN expired e ON e.id = r.id"
+                    " WHERE r.sem_key IS NOT NULL")
+_SEMS_OF_IDS = ("SELECT sem_key FROM reproq_task_runs WHERE id = ANY(%(ids)s::bigint[])"
+                " AND sem_key IS NOT NULL AND status = 'RUNNING'")
+
 _NOTIFY_READY_QUEUES = f"""
     SELECT count(pg_notify('{CHANNEL}', 'r:' || q)) AS n
     FROM (SELECT DISTINCT queue_name AS q FROM {{source}} WHERE status = 'READY') d
@@ -142,12 +160,17 @@ WITH cand AS (
     LEFT JOIN reproq_rate_limits gb ON gb.key = 'global'
 ), want_tokens AS (
     SELECT bucket, count(*) AS n FROM rated WHERE bucket IS NOT NULL GROUP BY bucket
+), bucket_locks AS MATERIALIZED (
+    SELECT b.key FROM reproq_rate_limits b
+    WHERE b.key IN (SELECT bucket FROM want_tokens)
+    ORDER BY b.key
+    FOR UPDATE
 ), tokens AS (
     UPDATE reproq_rate_limits b SET
         last_grant = LEAST(w.n, floor({_REFILLED}))::int,
         tokens = {_REFILLED} - LEAST(w.n, floor({_REFILLED})),
         refreshed_at = greatest(now(), b.refreshed_at)
-    FROM want_tokens w
+    FROM want_tokens w JOIN bucket_locks l ON l.key = w.bucket
     WHERE b.key = w.bucket
     RETURNING b.key, b.last_grant, b.tokens, b.rate, b.period_seconds
 ), metered AS (
@@ -160,11 +183,13 @@ WITH cand AS (
     SELECT sem_key, count(*) AS n, min(sem_limit) AS lim FROM metered
     WHERE sem_key IS NOT NULL AND has_token AND NOT expired
     GROUP BY sem_key
+), sem_locks AS MATERIALIZED (
+    {_LOCK_SEMAPHORES.format(keys="SELECT sem_key FROM want_slots")}
 ), slots AS (
     UPDATE reproq_concurrency s SET
         last_grant = LEAST(w.n, GREATEST(w.lim - s.running, 0)),
         running = s.running + LEAST(w.n, GREATEST(w.lim - s.running, 0))
-    FROM want_slots w
+    FROM want_slots w JOIN sem_locks l ON l.key = w.sem_key
     WHERE s.key = w.sem_key
     RETURNING s.key, s.last_grant
 ), decided AS (
@@ -230,6 +255,8 @@ WITH input AS (
         %(ids)s::bigint[], %(status)s::text[], %(return_value)s::text[], %(error)s::text[],
         %(delay)s::float8[], %(reason)s::text[], %(metadata)s::text[]
     ) AS u(id, status, return_value, error, delay, reason, metadata)
+), sem_locks AS MATERIALIZED (
+    {_LOCK_SEMAPHORES.format(keys=_SEMS_OF_INPUT)}
 ), done AS (
     UPDATE reproq_task_runs t SET
         status = CASE WHEN t.cancel_requested AND u.status IN ('READY', 'WAITING', 'FAILED')
@@ -263,7 +290,9 @@ WITH input AS (
         WHERE status = 'WAITING' HAVING count(*) > 0
     ) p
 )
-SELECT done.id, done.status, (SELECT n FROM notified) AS notified FROM done
+SELECT done.id, done.status, (SELECT n FROM notified) AS notified,
+       (SELECT count(*) FROM sem_locks) AS sem_locked
+FROM done
 """
 
 # Renew the leases of every run this worker holds, refresh the worker row, and report which
@@ -294,6 +323,8 @@ WITH expired AS (
     ORDER BY leased_until
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), sem_locks AS MATERIALIZED (
+    {_LOCK_SEMAPHORES.format(keys=_SEMS_OF_EXPIRED)}
 ), back AS (
     UPDATE reproq_task_runs t SET
         status = CASE WHEN t.cancel_requested THEN 'CANCELLED'
@@ -323,14 +354,22 @@ WITH expired AS (
 SELECT (SELECT count(*) FROM back WHERE status = 'READY') AS requeued,
        (SELECT count(*) FROM back WHERE status = 'FAILED') AS failed,
        (SELECT count(*) FROM gone) AS workers_removed,
-       (SELECT n FROM notified) AS notified
+       (SELECT n FROM notified) AS notified,
+       (SELECT count(*) FROM sem_locks) AS sem_locked
 """
 
-# Shutdown: runs still held go back to READY without burning the attempt they started.
+# Shutdown: runs still held go back to READY without burning the attempt they started. Runs
+# whose sync thread is still busy come back only after %(delay)s seconds (WAITING), by which time
+# this process — and its daemon threads — have exited, so they never run twice at once.
 RELEASE = f"""
-WITH back AS (
+WITH sem_locks AS MATERIALIZED (
+    {_LOCK_SEMAPHORES.format(keys=_SEMS_OF_IDS)}
+), back AS (
     UPDATE reproq_task_runs SET
-        status = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE 'READY' END,
+        status = CASE WHEN cancel_requested THEN 'CANCELLED'
+                      WHEN %(delay)s > 0 THEN 'WAITING' ELSE 'READY' END,
+        run_after = CASE WHEN %(delay)s > 0 AND NOT cancel_requested
+                         THEN now() + make_interval(secs => %(delay)s) ELSE run_after END,
         finished_at = CASE WHEN cancel_requested THEN now() END,
         attempts = greatest(attempts - 1, 0),
         worker_ids = CASE WHEN jsonb_array_length(worker_ids) > 0
@@ -342,11 +381,17 @@ WITH back AS (
         status_reason = CASE WHEN cancel_requested THEN 'cancelled while running'
                              ELSE 'released at shutdown' END
     WHERE id = ANY(%(ids)s::bigint[]) AND status = 'RUNNING' AND lease_owner = %(worker)s
-    RETURNING id, status, queue_name
+    RETURNING id, status, queue_name, run_after
 ), notified AS (
-    {_NOTIFY_READY_QUEUES.format(source="back")}
+    SELECT count(pg_notify('{CHANNEL}', payload)) AS n FROM (
+        SELECT DISTINCT 'r:' || queue_name AS payload FROM back WHERE status = 'READY'
+        UNION ALL
+        SELECT 'w:' || extract(epoch FROM min(run_after))::text FROM back
+        WHERE status = 'WAITING' HAVING count(*) > 0
+    ) p
 )
-SELECT (SELECT count(*) FROM back) AS released, (SELECT n FROM notified) AS notified
+SELECT (SELECT count(*) FROM back) AS released, (SELECT n FROM notified) AS notified,
+       (SELECT count(*) FROM sem_locks) AS sem_locked
 """
 
 # Deferred rows whose time has come become READY (and their queues are woken); also reports

@@ -148,18 +148,21 @@ def test_async_timeout_cancels_the_task():
     assert "was cancelled" in done.errors[-1].traceback
 
 
-def test_sync_thread_timeout_is_recorded_and_keeps_its_slot():
-    r = tasks.sleepy.using(timeout_seconds=1, max_attempts=1).enqueue(3)
+def test_sync_thread_timeout_keeps_the_run_until_its_thread_returns():
+    r = tasks.sleepy.using(timeout_seconds=1, max_attempts=2).enqueue(2.5)
 
     async def body(rt):
-        done = await wait_for(r.id)
-        zombies = rt.executor.zombies
-        return done, zombies
+        await wait_for(r.id, {"RUNNING"})
+        await asyncio.sleep(1.8)  # past the deadline, thread still sleeping
+        still = await wait_for(r.id, {"RUNNING", "WAITING", "READY", "FAILED"})
+        held = r.id and int(r.id) in rt.executor.running
+        done = await wait_for(r.id, {"WAITING", "READY", "FAILED"})
+        return still.raw_status, held, done
 
-    done, zombies = run_with_runtime(body, concurrency=2)
-    assert done.raw_status == "FAILED"
-    assert "cannot be killed" in done.errors[-1].traceback
-    assert zombies == 1  # the thread still runs and still holds its slot
+    still, held, done = run_with_runtime(body, concurrency=2)
+    assert still == "RUNNING" and held  # slot and lease kept: no overlap with a retry
+    assert done.errors[-1].exception_class_path == "reproq.runtime.executor.TaskTimeout"
+    assert "threads cannot be killed" in done.errors[-1].traceback
 
 
 def test_process_mode_kills_a_timed_out_sync_task():

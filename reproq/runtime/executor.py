@@ -1,14 +1,16 @@
 """Runs claimed rows: async tasks on the event loop, sync tasks in threads or child processes.
 
 Each attempt ends as a `Completion` handed to the completer (batched writes). Timeouts: an async
-task is cancelled at its deadline; a sync task in a thread cannot be stopped, so its run is
-recorded as timed out at the deadline and its slot stays occupied until the thread returns; a
-sync task on a queue listed in PROCESS_QUEUES runs in a child process that is killed at the
-deadline and replaced.
+task is cancelled at its deadline. A sync task in a thread cannot be stopped: at the deadline its
+context reports `cancel_requested` (a cooperative task can return), and the run stays RUNNING —
+its lease renewed, its slot held — until the thread returns; then the attempt is recorded as
+timed out. So a stuck thread never runs alongside a retry of itself. A sync task on a queue
+listed in PROCESS_QUEUES runs in a child process that is killed at the deadline and replaced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -28,6 +30,7 @@ from .. import payload
 from ..backend import ReproqBackend
 from ..results import ReproqTaskContext, ReproqTaskResult, copy_task_unvalidated
 from .outcome import Completion, NonRetryable, failure
+from .threads import DaemonThreadPool
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -52,6 +55,8 @@ class Job:
     scope: anyio.CancelScope | None = None
     lost: bool = False  # lease lost (reclaimed elsewhere): result must not be written
     cancel_requested: bool = False  # a user asked to cancel this run
+    timed_out: bool = False
+    in_thread: bool = False  # a worker thread is executing it right now
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -141,14 +146,12 @@ class Executor:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.concurrency = runtime.settings.concurrency
-        self.limiter = anyio.CapacityLimiter(self.concurrency)
+        self.threads = DaemonThreadPool(self.concurrency)
         self.running: dict[int, Job] = {}
-        self.zombies = 0  # timed-out sync threads still running
-        self._zombie_lock = threading.Lock()
         self.slot_freed = anyio.Event()
 
     def free_slots(self) -> int:
-        return max(self.concurrency - len(self.running) - self.zombies, 0)
+        return max(self.concurrency - len(self.running), 0)
 
     def submit(self, tg: anyio.abc.TaskGroup, rows: list[dict[str, Any]]) -> None:
         for row in rows:
@@ -235,8 +238,7 @@ class Executor:
     async def _attempt_async(self, job: Job, task: Task, timeout: float) -> Completion:
         try:
             if _has_models(job.row):
-                args, kwargs = await anyio.to_thread.run_sync(_decode_in_thread, job.row,
-                                                              limiter=self.limiter)
+                args, kwargs = await self.threads.run(_decode_in_thread, job.row)
             else:
                 args, kwargs = decode_call(job.row)
         except Exception as exc:
@@ -275,31 +277,23 @@ class Executor:
         return self._with_metadata(completion, context)
 
     async def _attempt_thread(self, job: Job, task: Task, timeout: float) -> Completion:
-        done = threading.Event()
-        box: dict[str, Completion] = {}
-
-        def work() -> None:
-            try:
-                box["c"] = self._run_sync(job, task)
-            finally:
-                done.set()
-                with self._zombie_lock:
-                    if box.get("zombie"):
-                        self.zombies -= 1
-
-        with anyio.move_on_after(timeout) as scope:
-            await anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=self.limiter)
-        if scope.cancelled_caught and not done.is_set():
-            with self._zombie_lock:
-                if not done.is_set():
-                    self.zombies += 1
-                    box["zombie"] = True  # type: ignore[assignment]
+        job.in_thread = True
+        future = self.threads.submit(self._run_sync, job, task)
+        try:
+            with anyio.move_on_after(timeout):
+                return await asyncio.shield(future)
+            # Deadline passed: ask the task to stop (context.cancel_requested) and keep the run
+            # RUNNING until its thread returns, so it never overlaps a retry of itself.
+            job.timed_out = True
             job.cancel_flag.set()
-            error = TaskTimeout(
-                f"sync task exceeded its timeout of {timeout:g}s; its thread cannot be killed and "
-                "keeps its slot until it returns (list the queue in PROCESS_QUEUES to kill it)")
-            return self._fail(job, error)
-        return box["c"]
+            await future
+        finally:
+            if future.done():
+                job.in_thread = False
+        return self._fail(job, TaskTimeout(
+            f"sync task exceeded its timeout of {timeout:g}s; threads cannot be killed, so the "
+            "run stayed RUNNING until its thread returned (list the queue in PROCESS_QUEUES to "
+            "kill it at the deadline)"))
 
     def _run_sync(self, job: Job, task: Task) -> Completion:
         """One attempt of a sync task, in its worker thread (DB connections handled like a
@@ -330,7 +324,7 @@ class Executor:
                 if completion.status in {"FAILED", "CANCELLED"}:
                     _send(task_finished, self._final(task, job, args, kwargs, completion))
                 return self._with_metadata(completion, context)
-            if completion.status in {"SUCCESSFUL", "FAILED", "CANCELLED"}:
+            if completion.status in {"SUCCESSFUL", "FAILED", "CANCELLED"} and not job.timed_out:
                 _send(task_finished, self._final(task, job, args, kwargs, completion))
             return self._with_metadata(completion, context)
         finally:

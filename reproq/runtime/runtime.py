@@ -35,6 +35,9 @@ from .reclaim import Reclaimer
 from .registry import WorkerIdentity, detect_server, make_worker_id
 
 logger = logging.getLogger("reproq.runtime")
+# Runs whose sync thread is still busy at shutdown come back this long after release: the
+# process (and its daemon threads) is gone by then, so the run never executes twice at once.
+THREAD_EXIT_MARGIN_SECONDS = 5.0
 
 
 def build_settings(overrides: dict[str, Any] | None = None) -> RuntimeSettings:
@@ -161,6 +164,8 @@ class Runtime:
         finally:
             self.state = "stopped"
             with anyio.CancelScope(shield=True):
+                if hasattr(self, "executor"):
+                    self.executor.threads.close()
                 if self.processes is not None:
                     await self.processes.close()
                 db.unregister_pool(self.backend.database, self.pool)
@@ -168,8 +173,9 @@ class Runtime:
             self._done.set()
             logger.info("reproq: runtime %s stopped", self.worker_id)
 
-    async def _drain(self) -> list[int]:
-        """Stop claiming and wait for running jobs up to the grace period; return the rest."""
+    async def _drain(self) -> tuple[list[int], list[int]]:
+        """Stop claiming and wait for running jobs up to the grace period; return the rest
+        (runs that can be stopped, runs whose sync thread is still busy)."""
         self.state = "stopping"
         self.draining = True
         self.claimer.stopping = True
@@ -179,30 +185,38 @@ class Runtime:
         with anyio.move_on_after(self.settings.shutdown_grace_seconds):
             while self.executor.running:
                 await self.executor.slot_freed.wait()
-        leftover = list(self.executor.running)
-        if leftover:
+        jobs = list(self.executor.running.values())
+        busy_threads = [job.id for job in jobs if job.in_thread]
+        leftover = [job.id for job in jobs if not job.in_thread]
+        if jobs:
             logger.warning("reproq: %d runs still running after the %.0fs grace period; "
-                           "putting them back to READY", len(leftover),
-                           self.settings.shutdown_grace_seconds)
-        return leftover
+                           "putting them back (%d sync threads: after %.0fs, once this process "
+                           "has exited)", len(jobs), self.settings.shutdown_grace_seconds,
+                           len(busy_threads), THREAD_EXIT_MARGIN_SECONDS)
+        return leftover, busy_threads
 
-    async def _finish(self, leftover: list[int]) -> None:
+    async def _finish(self, leftover: tuple[list[int], list[int]]) -> None:
+        stoppable, busy_threads = leftover
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await self.beat.shutdown()  # release the leader lock before the worker row goes
             await self.completer.flush()
-            await self.release(leftover)
+            await self.release(stoppable)
+            await self.release(busy_threads, delay=THREAD_EXIT_MARGIN_SECONDS)
             async with self.pool.connection() as conn:
                 await conn.execute(sql.DELETE_WORKER, {"worker": self.worker_id})
-            self.events.single("worker_left", None, data={"released": len(leftover)})
+            self.events.single("worker_left", None,
+                               data={"released": len(stoppable) + len(busy_threads)})
             await self.events.flush()
 
-    async def release(self, ids: list[int]) -> None:
-        """Put runs this process holds back to READY without burning their attempt."""
+    async def release(self, ids: list[int], delay: float = 0.0) -> None:
+        """Put runs this process holds back to READY without burning their attempt (after
+        `delay` seconds, for runs whose thread this process cannot stop)."""
         if not ids:
             return
         with anyio.CancelScope(shield=True):
             async with self.pool.connection() as conn:
-                await conn.execute(sql.RELEASE, {"ids": ids, "worker": self.worker_id})
+                await conn.execute(sql.RELEASE, {"ids": ids, "worker": self.worker_id,
+                                                 "delay": delay})
 
     def spawn_background(self, fn: Callable[[], Awaitable[Any]]) -> None:
         """Run a one-off coroutine in the services group (e.g. replacing a killed child)."""

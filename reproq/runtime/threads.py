@@ -1,0 +1,90 @@
+"""Daemon worker threads for sync tasks.
+
+anyio's and concurrent.futures' worker threads are joined at interpreter exit, so one stuck sync
+task would keep a stopping server alive and keep running after its run was released. reproq's
+threads are daemon threads: when the process exits, they end with it. Each call runs in a copy
+of the caller's contextvars context; results come back to the event loop thread-safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_STOP = object()
+
+
+class DaemonThreadPool:
+    """At most `size` daemon threads, started on demand and reused."""
+
+    def __init__(self, size: int, name: str = "reproq-sync") -> None:
+        self.size = size
+        self.name = name
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._idle > 0 or len(self._threads) >= self.size:
+                return
+            thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}",
+                                      daemon=True)
+            self._threads.append(thread)
+            self._idle += 1
+        thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            with self._lock:
+                self._idle -= 1
+            fn, args, ctx, loop, future = item
+            try:
+                result = ctx.run(fn, *args)
+            except BaseException as exc:
+                _deliver(loop, future, None, exc)
+            else:
+                _deliver(loop, future, result, None)
+            finally:
+                with self._lock:
+                    self._idle += 1
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Queue fn(*args) for a pool thread; the future settles on the running loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._ensure_thread()
+        self._queue.put((fn, args, contextvars.copy_context(), loop, future))
+        return future
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) in a pool thread. Cancelling the await does not stop the thread."""
+        return await asyncio.shield(self.submit(fn, *args))
+
+    def close(self) -> None:
+        """Ask idle threads to exit (busy ones end with the process: they are daemons)."""
+        for _ in self._threads:
+            self._queue.put(_STOP)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any,
+             exc: BaseException | None) -> None:
+    def settle() -> None:
+        if future.cancelled():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # loop closed: the process is shutting down
+        loop.call_soon_threadsafe(settle)
