@@ -18,3 +18,10 @@ class ReproqConfig(AppConfig):
 
         checks.register()
         setting_changed.connect(conf.reset_cache, dispatch_uid="reproq.conf.reset_cache")
+        from django.db.models.signals import post_migrate
+
+        from .recurring import sync_after_migrate
+
+        # @recurring schedules are written after every migrate (SYNC_RECURRING_ON_MIGRATE).
+        post_migrate.connect(sync_after_migrate, sender=self,
+                             dispatch_uid="reproq.recurring.sync_after_migrate")

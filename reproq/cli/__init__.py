@@ -12,6 +12,10 @@ SUBCOMMANDS = {
     "pause-queue": "Pause a queue in every process (running tasks finish; nothing new starts).",
     "resume-queue": "Resume a paused queue in every process.",
     "limit": "Manage rate limits: limit set KEY RATE [--per SECONDS] [--burst N] | ls | rm KEY.",
+    "beat": "Run the leader-elected cron beat standalone; --once enqueues what is due and exits.",
+    "schedule": "Enqueue the cron ticks that are due now and exit (alias of beat --once).",
+    "sync-recurring": "Write the @recurring schedules declared in code to the database.",
+    "pg-cron": "Install or remove pg_cron jobs that enqueue the schedules inside PostgreSQL.",
 }
 
 

@@ -99,3 +99,54 @@ def sync_account(account_id, full=False):
 @limits_concurrency("reports", to=1)
 def build_report(name):
     return name
+
+
+# ----------------------------------------------------------------- flow control (test_flow.py)
+
+
+@task
+def flow_probe(key, ms, n=0):
+    """Sleeps `ms` milliseconds and reports its own execution interval and process."""
+    import os
+
+    start = time.time()
+    time.sleep(ms / 1000)
+    return {"key": key, "n": n, "start": start, "end": time.time(), "pid": os.getpid()}
+
+
+@limits_concurrency(lambda key, ms, n=0: f"flow-decorated:{key}", to=2)
+@task
+def flow_probe_limited(key, ms, n=0):
+    return flow_probe.func(key, ms, n)
+
+
+@task
+def flow_rated(n):
+    return n
+
+
+@task
+def flow_other(n):
+    return n
+
+
+@task(takes_context=True)
+def flow_cooperative(context, max_seconds):
+    """A sync task that stops when asked: polls context.cancel_requested (bounded)."""
+    context.metadata["polling"] = True
+    context.save_metadata()
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        if context.cancel_requested:
+            context.metadata["saw_cancel"] = True
+            return "stopped"
+        time.sleep(0.02)
+    return "ran out"
+
+
+@task
+def flow_touch(path):
+    """Leaves a trace on disk when it runs (to prove a run never started)."""
+    with open(path, "a") as fh:
+        fh.write("ran\n")
+    return path
