@@ -26,7 +26,7 @@ from django.tasks.signals import task_enqueued
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import payload, sql
+from . import djcursor, payload, sql
 from .concurrency import resolve_key, rule_for
 from .conf import (
     QUEUE_NAME_RE,
@@ -328,7 +328,7 @@ class ReproqBackend(BaseTaskBackend):
     def _enqueue_batch_sync(self, specs: list[EnqueueSpec]) -> list[ReproqTaskResult]:
         results: list[ReproqTaskResult | None] = [None] * len(specs)
         pending = list(range(len(specs)))
-        with connections[self.database].cursor() as cursor:
+        with djcursor.cursor(self.database, self.reproq_options.prepared_statements) as cursor:
             for _ in range(5):
                 batch = [specs[i] for i in pending]
                 cursor.execute(sql.ENQUEUE, self._params(batch))
@@ -416,7 +416,7 @@ class ReproqBackend(BaseTaskBackend):
 
     def get_result(self, result_id: str) -> ReproqTaskResult:
         pk = self._parse_id(result_id)
-        with connections[self.database].cursor() as cursor:
+        with djcursor.cursor(self.database, self.reproq_options.prepared_statements) as cursor:
             cursor.execute(sql.GET_RESULT, {"id": pk})
             rows = _dict_rows(cursor)
         if not rows:

@@ -50,6 +50,7 @@ class BackendOptions:
     retry_base_seconds: float = 30.0
     retry_max_seconds: float = 3600.0
     retry_jitter: float = 0.1
+    prepared_statements: bool = True
 
 
 _OPTION_KEYS = {
@@ -63,6 +64,7 @@ _OPTION_KEYS = {
     "RETRY_BASE_SECONDS": "retry_base_seconds",
     "RETRY_MAX_SECONDS": "retry_max_seconds",
     "RETRY_JITTER": "retry_jitter",
+    "PREPARED_STATEMENTS": "prepared_statements",
 }
 
 
@@ -107,6 +109,8 @@ def parse_backend_options(alias: str, raw: Any) -> tuple[BackendOptions, list[Pr
          and values.get("retry_max_seconds", 3600) > 0, "a number of seconds > 0, e.g. 3600"),
         ("retry_jitter", _is_number(values.get("retry_jitter", 0.1))
          and 0 <= values.get("retry_jitter", 0.1) <= 1, "a fraction between 0 and 1, e.g. 0.1"),
+        ("prepared_statements", isinstance(values.get("prepared_statements", True), bool),
+         "True or False"),
     ]
     good: dict[str, Any] = {}
     reverse = {v: k for k, v in _OPTION_KEYS.items()}

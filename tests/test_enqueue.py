@@ -1080,3 +1080,14 @@ def test_validation_happens_before_any_database_access():
         tasks.add.enqueue(1, object())
     with pytest.raises(InvalidEnqueue):
         backend().bulk_enqueue([(tasks.add, (1, 2), {}), (tasks.add, (1, 2), {"lock_key": 1})])
+
+
+@pytest.mark.django_db
+def test_enqueue_without_prepared_statements_behaves_the_same():
+    with override_settings(TASKS=tasks_setting(PREPARED_STATEMENTS=False)):
+        first = tasks.add.enqueue(40, 2)
+        assert tasks.add.enqueue(40, 2).id == first.id
+        assert tasks.add.get_result(first.id).args == [40, 2]
+        with CaptureQueriesContext(connection) as ctx:
+            tasks.add.enqueue(41, 2)
+        assert len(ctx.captured_queries) == 1
