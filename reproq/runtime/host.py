@@ -104,9 +104,10 @@ async def stop() -> None:
         return
     await runtime.stop()
     await task
-    _state.runtime, _state.task = None, None
+    _state.task = None  # the stopped runtime stays visible in status()
 
 
 def reset_for_tests() -> None:
     """Forget a stopped runtime so a test can start another in the same process."""
     _state.stopping = False
+    _state.runtime = None
