@@ -9,11 +9,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
+from .dashboard.adminkit import (
+    EstimatedCountPaginator,
+    LeaseFilter,
+    QueueFilter,
+    TaskPathFilter,
+    search_runs,
+)
 from .models import PeriodicTask, QueueControl, RateLimit, TaskRun, Worker
 
 
@@ -24,12 +32,18 @@ def _pretty(value: Any) -> str:
 
 @admin.register(TaskRun)
 class TaskRunAdmin(admin.ModelAdmin):
+    """Task runs on tables of millions of rows: estimated counts (no COUNT(*)), filters and
+    search that use indexes, list pages that skip the JSON payload columns."""
+
     list_display = ("id", "task_path", "queue_name", "status", "priority", "attempts",
                     "enqueued_at", "started_at", "finished_at", "lease_owner")
-    list_filter = ("status", "queue_name")
-    search_fields = ("=id", "task_path", "lock_key", "concurrency_key")
+    list_filter = ("status", QueueFilter, TaskPathFilter, LeaseFilter)
+    search_fields = ("task_path",)  # see get_search_results: an id or part of a task path
+    search_help_text = "A run id (123 or #123), or part of a task path."
     ordering = ("-id",)
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+    paginator = EstimatedCountPaginator
     readonly_fields = [f.name for f in TaskRun._meta.fields if f.name not in {"args", "kwargs",
                                                                              "errors",
                                                                              "return_value",
@@ -37,10 +51,30 @@ class TaskRunAdmin(admin.ModelAdmin):
         "args_display", "kwargs_display", "errors_display", "return_value_display",
         "metadata_display"]
     exclude = ("args", "kwargs", "errors", "return_value", "metadata")
-    actions = ["cancel_runs"]
+    actions = ["cancel_runs", "retry_failed", "replay_runs", "discard_runs", "pause_queues",
+               "resume_queues"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[TaskRun]:
+        qs = super().get_queryset(request)
+        match = getattr(request, "resolver_match", None)
+        if match is not None and (match.url_name or "").endswith("_changelist"):
+            qs = qs.defer("args", "kwargs", "errors", "return_value", "metadata", "worker_ids")
+        return qs
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[TaskRun],
+                           search_term: str) -> tuple[QuerySet[TaskRun], bool]:
+        return search_runs(queryset, search_term), False
+
+    def get_actions(self, request: HttpRequest, action_location: Any = None) -> dict[str, Any]:
+        # action_location: Django 6.1 (actions on the change form); 6.0 never passes it.
+        actions = (super().get_actions(request) if action_location is None
+                   else super().get_actions(request, action_location=action_location))
+        # "Discard" replaces it: one DELETE, without collecting millions of objects first.
+        actions.pop("delete_selected", None)
+        return actions
 
     @admin.display(description="args")
     def args_display(self, obj: TaskRun) -> str:
@@ -52,7 +86,13 @@ class TaskRunAdmin(admin.ModelAdmin):
 
     @admin.display(description="errors")
     def errors_display(self, obj: TaskRun) -> str:
-        return _pretty(obj.errors)
+        if not isinstance(obj.errors, list) or not obj.errors:
+            return _pretty(obj.errors)
+        return format_html_join(
+            "", "<p><b>attempt {}</b> {} <i>{}</i></p><pre>{}</pre>",
+            ((e.get("attempt", "?"), e.get("exception_class_path", ""), e.get("worker_id", ""),
+              e.get("traceback", "")) if isinstance(e, dict) else ("?", "", "", str(e))
+             for e in obj.errors))
 
     @admin.display(description="return value")
     def return_value_display(self, obj: TaskRun) -> str:
@@ -62,13 +102,75 @@ class TaskRunAdmin(admin.ModelAdmin):
     def metadata_display(self, obj: TaskRun) -> str:
         return _pretty(obj.metadata)
 
+    def _ids(self, request: HttpRequest, queryset: QuerySet[TaskRun]) -> list[int] | None:
+        from .dashboard.ops import MAX_IDS
+
+        ids = list(queryset.order_by().values_list("pk", flat=True)[: MAX_IDS + 1])
+        if len(ids) > MAX_IDS:
+            self.message_user(request, f"select at most {MAX_IDS} runs per action (narrow the "
+                              "filters)", messages.ERROR)
+            return None
+        return ids
+
     @admin.action(description="Cancel selected runs")
     def cancel_runs(self, request: HttpRequest, queryset: QuerySet[TaskRun]) -> None:
         from .control import cancel_runs
 
-        changed = cancel_runs([run.pk for run in queryset])
+        ids = self._ids(request, queryset)
+        if ids is None:
+            return
+        changed = cancel_runs(ids)
         self.message_user(request, f"cancellation requested for {changed} runs",
                           messages.SUCCESS)
+
+    @admin.action(description="Retry selected failed/cancelled/expired runs (as new runs)")
+    def retry_failed(self, request: HttpRequest, queryset: QuerySet[TaskRun]) -> None:
+        from .dashboard.ops import retry_runs
+
+        ids = self._ids(request, queryset)
+        if ids is not None:
+            self.message_user(request, retry_runs(ids).summary("retried as new runs"),
+                              messages.SUCCESS)
+
+    @admin.action(description="Replay selected runs (enqueue a new copy)")
+    def replay_runs(self, request: HttpRequest, queryset: QuerySet[TaskRun]) -> None:
+        from .dashboard.ops import replay_runs
+
+        ids = self._ids(request, queryset)
+        if ids is not None:
+            self.message_user(request, replay_runs(ids).summary("replayed"), messages.SUCCESS)
+
+    @admin.action(description="Discard selected runs (delete; running ones are kept)")
+    def discard_runs(self, request: HttpRequest, queryset: QuerySet[TaskRun]) -> None:
+        from .dashboard.ops import discard_runs
+
+        ids = self._ids(request, queryset)
+        if ids is not None:
+            deleted = discard_runs(ids)
+            kept = len(ids) - deleted
+            self.message_user(request, f"{deleted} runs discarded"
+                              + (f"; {kept} running runs kept (cancel them first)"
+                                 if kept else ""), messages.SUCCESS)
+
+    def _set_paused(self, request: HttpRequest, queryset: QuerySet[TaskRun],
+                    paused: bool) -> None:
+        from .control import set_paused
+
+        queues = sorted(set(queryset.order_by().values_list("queue_name", flat=True)
+                            .distinct()[:100]))
+        for queue in queues:
+            set_paused(queue, paused, reason="admin" if paused else "",
+                       by=request.user.get_username())
+        self.message_user(request, f"{'paused' if paused else 'resumed'}: {', '.join(queues)}",
+                          messages.SUCCESS)
+
+    @admin.action(description="Pause the queues of the selected runs")
+    def pause_queues(self, request: HttpRequest, queryset: QuerySet[TaskRun]) -> None:
+        self._set_paused(request, queryset, True)
+
+    @admin.action(description="Resume the queues of the selected runs")
+    def resume_queues(self, request: HttpRequest, queryset: QuerySet[TaskRun]) -> None:
+        self._set_paused(request, queryset, False)
 
 
 @admin.register(Worker)
@@ -109,11 +211,38 @@ class QueueControlAdmin(admin.ModelAdmin):
                    by=request.user.get_username())
 
 
+class RateLimitForm(forms.ModelForm):
+    """The operator's fields only; the key is checked like `reproq limit set` checks it."""
+
+    class Meta:
+        model = RateLimit
+        fields = ("key", "rate", "period_seconds", "burst")
+
+    def clean_key(self) -> str:
+        from .control import validate_rate_key
+
+        try:
+            return validate_rate_key(self.cleaned_data["key"])
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+
+
 @admin.register(RateLimit)
 class RateLimitAdmin(admin.ModelAdmin):
+    form = RateLimitForm
     list_display = ("key", "rate", "period_seconds", "burst", "tokens", "refreshed_at")
     search_fields = ("key",)
     readonly_fields = ("tokens", "refreshed_at")
+
+    def save_model(self, request: HttpRequest, obj: RateLimit, form: Any, change: bool) -> None:
+        # Like control.set_rate_limit: a new or changed bucket starts full (last_grant and
+        # tokens are the claim's bookkeeping, not the operator's).
+        from django.utils import timezone
+
+        if not change or form.has_changed():
+            obj.tokens = float(obj.burst)
+            obj.refreshed_at = timezone.now()
+        super().save_model(request, obj, form, change)
 
 
 @admin.register(PeriodicTask)

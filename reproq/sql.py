@@ -25,7 +25,9 @@ RESULT_COLUMNS = (
 
 # One statement inserts a whole batch (parallel arrays, unnest), skips active duplicates through
 # the partial unique index, and notifies each queue once. Ids are drawn before the insert so
-# every input row maps back to its id, inserted or not.
+# every input row maps back to its id, inserted or not. Runs of one batch share now(), so the
+# batch position is added to sort_key (1 microsecond each): FIFO holds within a batch too
+# (equal keys would be claimed, parked and woken in arbitrary order).
 ENQUEUE = f"""
 WITH input AS (
     SELECT *, nextval(pg_get_serial_sequence('reproq_task_runs', 'id')) AS new_id
@@ -50,7 +52,8 @@ WITH input AS (
     )
     SELECT new_id, %(backend)s, task_path, queue_name, priority,
            CASE WHEN due > now() THEN 'WAITING' ELSE 'READY' END,
-           (extract(epoch FROM due) * 1000000)::bigint - priority::bigint * %(aging_us)s::bigint,
+           (extract(epoch FROM due) * 1000000)::bigint + ord
+               - priority::bigint * %(aging_us)s::bigint,
            args::jsonb, kwargs::jsonb, spec_hash, now(), due, 0, max_attempts, timeout, '[]',
            '[]', '{{}}', lock_key, concurrency_key, concurrency_limit,
            CASE WHEN lock_key IS NOT NULL THEN 'l:' || lock_key
@@ -132,14 +135,20 @@ _NOTIFY_READY_QUEUES = f"""
 #  3. lock/concurrency keys: rows that got a token take a semaphore slot the same way; rows of a
 #     full semaphore are parked (WAITING, blocked) and woken one per freed slot by a trigger;
 #  4. expired rows become EXPIRED without running.
-# Returns every row it decided on; the runtime runs the RUNNING ones.
+# Returns every row it decided on (the runtime runs the RUNNING ones), or one row of NULLs when
+# there is none; every row carries `skipped_locked`: READY rows of these queues existed that
+# SKIP LOCKED passed over. Their lock holder may not be about to change them: a statement whose
+# FOR UPDATE found a row updated meanwhile (e.g. two promoters, or UNBLOCK and the release
+# trigger, waking the same row) keeps the lock on the new version even when it no longer
+# qualifies, until it commits, and sends no NOTIFY. The claimer then looks again shortly instead
+# of sleeping until the next NOTIFY or the fallback timer.
 CLAIM = f"""
-WITH cand AS (
-    SELECT c.* FROM (
-        SELECT q.name FROM unnest(%(queues)s::text[]) AS q(name)
-        WHERE NOT EXISTS (SELECT 1 FROM reproq_queue_controls qc
-                          WHERE qc.queue_name = q.name AND qc.paused)
-    ) q
+WITH live AS MATERIALIZED (
+    SELECT q.name FROM unnest(%(queues)s::text[]) AS q(name)
+    WHERE NOT EXISTS (SELECT 1 FROM reproq_queue_controls qc
+                      WHERE qc.queue_name = q.name AND qc.paused)
+), cand AS (
+    SELECT c.* FROM live q
     CROSS JOIN LATERAL (
         SELECT r.id, r.sort_key, r.queue_name, r.task_path, r.sem_key, r.sem_limit,
                coalesce(r.expires_at <= now(), false) AS expired
@@ -243,8 +252,19 @@ WITH cand AS (
     FROM (SELECT min(run_after) AS due FROM claimed
           WHERE status = 'WAITING' AND run_after > now()) d
     WHERE due IS NOT NULL
+), skipped AS (
+    SELECT EXISTS (
+        SELECT 1 FROM live q CROSS JOIN LATERAL (
+            SELECT 1 FROM reproq_task_runs r
+            WHERE r.status = 'READY' AND r.queue_name = q.name
+              AND r.id NOT IN (SELECT id FROM cand)
+            LIMIT 1
+        ) x
+    ) AS found
 )
-SELECT claimed.*, (SELECT n FROM notified) AS notified FROM claimed
+SELECT claimed.*, (SELECT n FROM notified) AS notified,
+       (SELECT found FROM skipped) AS skipped_locked
+FROM (SELECT 1) AS one LEFT JOIN claimed ON true
 """
 
 # Record finished attempts of one worker in one statement. Rows whose lease this worker lost
@@ -471,9 +491,9 @@ WITH up AS (
         updated_at = now(), updated_by = EXCLUDED.updated_by
     RETURNING queue_name, paused, reason
 ), events AS (
-    INSERT INTO reproq_events (created_at, kind, queue_name, data)
-    SELECT now(), CASE WHEN paused THEN 'queue_paused' ELSE 'queue_resumed' END, queue_name,
-           jsonb_build_object('reason', reason, 'by', %(by)s::text)
+    INSERT INTO reproq_events (created_at, kind, task_path, queue_name, worker_id, data)
+    SELECT now(), CASE WHEN paused THEN 'queue_paused' ELSE 'queue_resumed' END, '',
+           queue_name, '', jsonb_build_object('reason', reason, 'by', %(by)s::text)
     FROM up
     RETURNING 1
 )

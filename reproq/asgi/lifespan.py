@@ -58,6 +58,9 @@ class ReproqLifespan:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                from . import sse
+
+                sse.reset_shutdown()
                 if self.autostart:
                     try:
                         await host.start("lifespan")
@@ -69,6 +72,9 @@ class ReproqLifespan:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self._shutdown = True
+                from . import sse
+
+                sse.request_shutdown()  # end open event streams before the runtime stops
                 try:
                     await host.stop()
                 except Exception:

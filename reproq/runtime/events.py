@@ -67,13 +67,19 @@ class EventPublisher:
         self._wake.set()
 
     def _drain(self) -> list[tuple[str, int | None, str, str, dict[str, Any]]]:
-        rows = list(self._single)
+        """Buffered events in causal order: starts, then single events, then successes."""
+        aggregated: dict[str, list[tuple[str, int | None, str, str, dict[str, Any]]]] = {
+            "started": [], "succeeded": []}
         for (kind, task, queue), agg in self._aggregated.items():
             count = agg["count"]
-            rows.append((kind, agg["run_ids"][0] if agg["run_ids"] else None, task, queue,
-                         {"count": count, "run_ids": agg["run_ids"],
-                          "duration_ms_avg": round(agg["duration_total"] / count * 1000, 3)
-                          if kind == "succeeded" else None}))
+            aggregated.setdefault(kind, []).append(
+                (kind, agg["run_ids"][0] if agg["run_ids"] else None, task, queue,
+                 {"count": count, "run_ids": agg["run_ids"],
+                  "duration_ms_avg": round(agg["duration_total"] / count * 1000, 3)
+                  if kind == "succeeded" else None}))
+        rows = [*aggregated.pop("started"), *self._single, *aggregated.pop("succeeded")]
+        for rest in aggregated.values():
+            rows.extend(rest)
         self._single.clear()
         self._aggregated.clear()
         return rows

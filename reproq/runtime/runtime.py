@@ -1,6 +1,6 @@
 """`Runtime`: one supervised anyio task group per process running every reproq service.
 
-Services (listener, claimer, promoter, completer, heartbeat, reclaim) are each supervised: a
+Services (listener, claimer, promoter, completer, heartbeat, reclaim, beat) are each supervised: a
 crash is logged, counted and restarted with backoff, and never reaches the web server. Jobs run
 in a second task group so that shutdown can stop claiming, wait for running jobs up to the grace
 period, cancel the rest and put them back to READY without burning an attempt, flush results,
@@ -35,6 +35,13 @@ from .reclaim import Reclaimer
 from .registry import WorkerIdentity, detect_server, make_worker_id
 
 logger = logging.getLogger("reproq.runtime")
+
+
+def _metrics() -> Any:
+    """reproq.asgi.metrics, imported on first use (it imports prometheus_client)."""
+    from ..asgi import metrics
+
+    return metrics
 # Runs whose sync thread is still busy at shutdown come back this long after release: the
 # process (and its daemon threads) is gone by then, so the run never executes twice at once.
 THREAD_EXIT_MARGIN_SECONDS = 5.0
@@ -102,10 +109,26 @@ class Runtime:
                 self.outcomes["EXPIRED"] += 1
             else:
                 self.outcomes["deferred"] += 1
+        _metrics().record_claimed(self, rows)
 
     def observe(self, completion: Completion) -> None:
         self.outcomes[completion.status] += 1
         self.events.finished(completion)
+        _metrics().record_completion(self, completion)
+
+    async def watch_leadership(self) -> None:
+        """Publish a 'leader_changed' event when this process gains or loses beat leadership
+        (an in-memory check twice a second; the event goes out with the next events flush)."""
+        was = False
+        while True:
+            now = bool(self.beat.is_leader)
+            if now != was:
+                since = self.beat.leader_since
+                self.events.single("leader_changed", None, data={
+                    "leader": now, "since": since.isoformat() if since else None,
+                    "reason": "" if now else self.beat.lost_reason})
+                was = now
+            await anyio.sleep(0.5)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -145,6 +168,8 @@ class Runtime:
                         services.start_soon(self._supervise, "listener", self.listener.run)
                     if rs.beat:
                         services.start_soon(self._supervise, "beat", self.beat.run)
+                        services.start_soon(self._supervise, "leadership",
+                                            self.watch_leadership)
                     services.start_soon(self._supervise, "claimer",
                                         lambda: self.claimer.run(jobs))
                     self.state = "running"
