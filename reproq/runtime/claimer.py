@@ -2,7 +2,9 @@
 
 It claims again as soon as a slot frees up while it keeps filling every free slot (more work is
 likely waiting), and otherwise sleeps until the listener wakes it (NOTIFY), or the fallback timer
-fires (missed notifications, poll-only mode). Rows claimed while shutdown began are released.
+fires (missed notifications, poll-only mode). When its claim passed over READY rows locked by
+another statement, it looks again shortly (see `reproq.sql.CLAIM`): their lock holder may leave
+them READY without announcing them. Rows claimed while shutdown began are released.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 logger = logging.getLogger("reproq.runtime")
+RECHECK_FIRST = 0.05  # seconds before claiming again after passing over locked READY rows
+RECHECK_MAX = 1.0
 
 
 class Claimer:
@@ -29,6 +33,8 @@ class Claimer:
         self.claims = 0
         self.claimed = 0
         self.stopping = False
+        self.skipped_locked = False  # the last claim passed over locked READY rows
+        self.rechecks = 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -45,6 +51,8 @@ class Claimer:
                 "lease": rt.settings.lease_seconds,
             })
             rows = await cur.fetchall()
+        self.skipped_locked = bool(rows and rows[0]["skipped_locked"])
+        rows = [r for r in rows if r["id"] is not None]  # one row of NULLs when none
         self.claims += 1
         self.claimed += len(rows)
         return rows
@@ -53,6 +61,7 @@ class Claimer:
         rt = self.runtime
         executor = rt.executor
         self.exited = anyio.Event()
+        recheck = RECHECK_FIRST
         try:
             while not self.stopping:
                 self._wake = anyio.Event()
@@ -73,7 +82,15 @@ class Claimer:
                     if full and ran < free:
                         continue  # parked blocked/rate-limited rows: look further at once
                 self.waiting_for_slot = full or free == 0
-                with anyio.move_on_after(rt.poll_interval):
+                timeout = rt.poll_interval
+                if free > 0 and not full and self.skipped_locked:
+                    # Rows we could not lock may never be announced again: look again soon
+                    # (backing off while the same locks persist).
+                    timeout, recheck = min(timeout, recheck), min(recheck * 2, RECHECK_MAX)
+                    self.rechecks += 1
+                else:
+                    recheck = RECHECK_FIRST
+                with anyio.move_on_after(timeout):
                     await self._wake.wait()
         finally:
             self.exited.set()

@@ -24,10 +24,12 @@ class Promoter:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.next_due: float | None = None  # epoch seconds
+        self._noted: float | None = None  # earliest 'w:' due time heard during a promotion
         self._wake = anyio.Event()
         self.promoted = 0
 
     def note_due(self, epoch: float) -> None:
+        self._noted = epoch if self._noted is None else min(self._noted, epoch)
         if self.next_due is None or epoch < self.next_due:
             self.next_due = epoch
             self._wake.set()
@@ -39,12 +41,17 @@ class Promoter:
 
     async def promote_once(self) -> int:
         rt = self.runtime
+        self._noted = None
         async with rt.pool.connection() as conn:
             cur = await conn.execute(sql.PROMOTE, {"limit": BATCH})
             row = await cur.fetchone()
         promoted = int(row["promoted"] or 0)
         self.promoted += promoted
-        self.next_due = row["next_due"]
+        # The statement's next_due misses rows deferred by transactions that committed after
+        # its snapshot; their 'w:' notes may have arrived meanwhile (and been ignored while
+        # next_due was the time being promoted), so keep the earliest of both.
+        dues = [d for d in (row["next_due"], self._noted) if d is not None]
+        self.next_due = min(dues) if dues else None
         if promoted and set(row["queues"] or ()) & set(rt.queues):
             rt.claimer.wake()
         return promoted
