@@ -148,6 +148,7 @@ class Executor:
         self.concurrency = runtime.settings.concurrency
         self.threads = DaemonThreadPool(self.concurrency)
         self.running: dict[int, Job] = {}
+        self.early_cancels: dict[int, float] = {}  # cancels heard before their job started
         self.slot_freed = anyio.Event()
 
     def free_slots(self) -> int:
@@ -156,6 +157,11 @@ class Executor:
     def submit(self, tg: anyio.abc.TaskGroup, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             job = Job(row=row)
+            noted = self.early_cancels.pop(job.id, None)
+            if row.get("cancel_requested") or (noted is not None
+                                               and time.monotonic() - noted < 60):
+                job.cancel_requested = True
+                job.cancel_flag.set()
             self.running[job.id] = job
             tg.start_soon(self._run, job, name=f"reproq-run-{job.id}")
 
@@ -170,6 +176,11 @@ class Executor:
         since another process owns the row now)."""
         job = self.running.get(run_id)
         if job is None:
+            if not lost:
+                # The NOTIFY may beat the claim's result here: remember it for a short while.
+                self.early_cancels[run_id] = time.monotonic()
+                if len(self.early_cancels) > 1000:
+                    self.early_cancels.pop(next(iter(self.early_cancels)))
             return False
         job.lost = job.lost or lost
         job.cancel_requested = job.cancel_requested or not lost
@@ -223,6 +234,8 @@ class Executor:
         row = job.row
         if row["status"] == "EXPIRED":
             return Completion(id=job.id, status="EXPIRED", reason="expired before it started")
+        if job.cancel_requested:
+            return self._cancelled(job, TaskCancelled("cancelled before it started"))
         try:
             task = resolve_task(row["task_path"])
         except Exception as exc:

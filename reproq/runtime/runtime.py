@@ -269,12 +269,12 @@ class Runtime:
                 raise
             except Exception:
                 self.crashes[name] += 1
-                if time.monotonic() - began > 60:
-                    delay = 0.1
+                if time.monotonic() - began > 10:
+                    delay = 0.1  # it had been healthy: a one-off error restarts it at once
                 logger.exception("reproq: %s crashed (%d so far); restarting in %.1fs",
                                  name, self.crashes[name], delay)
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 10.0)
 
     def status(self) -> dict[str, Any]:
         """A small health summary for /healthz and the worker command."""
