@@ -1,6 +1,9 @@
-"""``./dev bench [runtime] [args]``: run a benchmark and print a markdown table."""
+"""``./dev bench [runtime|enqueue|all|w1|w2|w3|w4|w5|pgbench|peers] [args]``: run benchmarks
+and print markdown tables (see bench/README.md)."""
 
 import sys
+
+NAMES = ("runtime", "enqueue", "all", "w1", "w2", "w3", "w4", "w5", "pgbench", "peers")
 
 
 def main() -> None:
@@ -14,8 +17,20 @@ def main() -> None:
         from bench import enqueue
 
         enqueue.main(args)
+    elif name == "all":
+        from bench import suite
+
+        suite.main(args)
+    elif name in ("w1", "w2", "w3", "w4", "w5", "pgbench"):
+        from bench import suite
+
+        suite.main(args, only=name)
+    elif name == "peers":
+        from bench import suite
+
+        suite.peers_main(args)
     else:
-        raise SystemExit(f"unknown benchmark {name!r}; available: runtime, enqueue")
+        raise SystemExit(f"unknown benchmark {name!r}; available: {', '.join(NAMES)}")
 
 
 main()

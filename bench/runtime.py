@@ -19,7 +19,8 @@ import time
 from typing import Any
 
 
-def setup() -> None:
+def setup(fresh: bool = False) -> None:
+    """Create the benchmark database (dropped first with ``fresh``), migrate, set up Django."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.settings")
     from reproq.devdb import database_url
 
@@ -28,6 +29,8 @@ def setup() -> None:
 
     name = os.environ.get("REPROQ_BENCH_DB", "reproq_bench")
     with psycopg.connect(url, autocommit=True) as conn:
+        if fresh:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
             conn.execute(f'CREATE DATABASE "{name}"')
     import django

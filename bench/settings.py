@@ -5,6 +5,9 @@ import os
 from reproq.devdb import database_url, databases_from_url
 
 SECRET_KEY = "reproq-bench"
+DEBUG = False
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+ROOT_URLCONF = "bench.urls"  # W4's trivial view (bench/views.py)
 USE_TZ = True
 INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "reproq", "bench"]
 DATABASES = {"default": databases_from_url(database_url())}
