@@ -12,15 +12,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+from .argtypes import positive_int
 
 
 def _positive_float(text: str) -> float:
@@ -38,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kwargs = {"called_from_command_line": getattr(parser, "called_from_command_line", None)}
     s = sub.add_parser("set", help="create or change a bucket", **kwargs)
     s.add_argument("key", help="global | queue:<name> | task:<module.path>")
-    s.add_argument("rate", type=_positive_int, help="tokens per period")
+    s.add_argument("rate", type=positive_int, help="tokens per period")
     s.add_argument("--per", type=_positive_float, default=1.0, help="period in seconds")
-    s.add_argument("--burst", type=_positive_int, help="bucket size (default: rate)")
+    s.add_argument("--burst", type=positive_int, help="bucket size (default: rate)")
     sub.add_parser("ls", help="list buckets", **kwargs)
     r = sub.add_parser("rm", help="remove a bucket", **kwargs)
     r.add_argument("key")

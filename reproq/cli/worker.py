@@ -14,6 +14,8 @@ from typing import Any
 import anyio
 from django.core.management.base import BaseCommand, CommandError
 
+from .argtypes import positive_int
+
 
 def _queue_list(text: str) -> list[str]:
     queues = [q.strip() for q in text.split(",") if q.strip()]
@@ -22,19 +24,10 @@ def _queue_list(text: str) -> list[str]:
     return queues
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queues", type=_queue_list, help="comma-separated queue names")
-    parser.add_argument("--concurrency", type=_positive_int, help="tasks run at once")
+    parser.add_argument("--concurrency", type=positive_int, help="tasks run at once")
     parser.add_argument("--worker-id", help="stable id for this worker (default host-pid-random)")
     parser.add_argument("--process-queues", type=_queue_list,
                         help="queues whose sync tasks run in killable child processes")
