@@ -23,6 +23,14 @@ RESULT_COLUMNS = (
     "expires_at, lock_key, concurrency_key, concurrency_limit, timeout_seconds"
 )
 
+# Columns every new run is inserted with (enqueue, the beat's ticks, pg_cron jobs), in order.
+RUN_COLUMNS = """
+        id, backend_alias, task_path, queue_name, priority, status, sort_key, args, kwargs,
+        spec_hash, enqueued_at, run_after, attempts, max_attempts, timeout_seconds, worker_ids,
+        errors, metadata, lock_key, concurrency_key, concurrency_limit, sem_key, sem_limit,
+        blocked, cancel_requested, expires_at, status_reason, code_ref, pip_lock_hash
+"""
+
 # One statement inserts a whole batch (parallel arrays, unnest), skips active duplicates through
 # the partial unique index, and notifies each queue once. Ids are drawn before the insert so
 # every input row maps back to its id, inserted or not. Runs of one batch share now(), so the
@@ -44,12 +52,7 @@ WITH input AS (
            coalesce(i.run_after, now() + make_interval(secs => coalesce(i.delay, 0))) AS due
     FROM input i
 ), ins AS (
-    INSERT INTO reproq_task_runs (
-        id, backend_alias, task_path, queue_name, priority, status, sort_key, args, kwargs,
-        spec_hash, enqueued_at, run_after, attempts, max_attempts, timeout_seconds, worker_ids,
-        errors, metadata, lock_key, concurrency_key, concurrency_limit, sem_key, sem_limit,
-        blocked, cancel_requested, expires_at, status_reason, code_ref, pip_lock_hash
-    )
+    INSERT INTO reproq_task_runs ({RUN_COLUMNS})
     SELECT new_id, %(backend)s, task_path, queue_name, priority,
            CASE WHEN due > now() THEN 'WAITING' ELSE 'READY' END,
            (extract(epoch FROM due) * 1000000)::bigint + ord
@@ -534,6 +537,6 @@ def name_of(query: object) -> str:
     return _NAMES.get(id(query), "other")
 
 
+_FRAGMENTS = {"CHANNEL", "ACTIVE_SQL", "RUN_COLUMNS", "RESULT_COLUMNS"}
 _NAMES = {id(value): key for key, value in list(globals().items())
-          if key.isupper() and isinstance(value, str) and key not in {"CHANNEL", "ACTIVE_SQL",
-                                                                       "RESULT_COLUMNS"}}
+          if key.isupper() and isinstance(value, str) and key not in _FRAGMENTS}

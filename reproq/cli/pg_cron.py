@@ -20,6 +20,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from .. import sql
+
 JOB_PREFIX = "reproq:"
 ALIASES = {
     "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
@@ -59,12 +61,7 @@ WITH s AS (
     FROM gate g WHERE p.id = g.id AND g.launch
     RETURNING p.id
 ), ins AS (
-    INSERT INTO reproq_task_runs (
-        id, backend_alias, task_path, queue_name, priority, status, sort_key, args, kwargs,
-        spec_hash, enqueued_at, run_after, attempts, max_attempts, timeout_seconds, worker_ids,
-        errors, metadata, lock_key, concurrency_key, concurrency_limit, sem_key, sem_limit,
-        blocked, cancel_requested, expires_at, status_reason, code_ref, pip_lock_hash
-    )
+    INSERT INTO reproq_task_runs (""" + sql.RUN_COLUMNS + """)
     SELECT g.new_id, %(backend)s, g.task_path, g.queue_name, g.priority, 'READY',
            (extract(epoch FROM now()) * 1000000)::bigint
                - g.priority::bigint * %(aging_us)s::bigint,

@@ -147,12 +147,7 @@ WITH input AS (
     ON CONFLICT (schedule_id, scheduled_for) DO NOTHING
     RETURNING schedule_id, run_id
 ), ins AS (
-    INSERT INTO reproq_task_runs (
-        id, backend_alias, task_path, queue_name, priority, status, sort_key, args, kwargs,
-        spec_hash, enqueued_at, run_after, attempts, max_attempts, timeout_seconds, worker_ids,
-        errors, metadata, lock_key, concurrency_key, concurrency_limit, sem_key, sem_limit,
-        blocked, cancel_requested, expires_at, status_reason, code_ref, pip_lock_hash
-    )
+    INSERT INTO reproq_task_runs (""" + sql.RUN_COLUMNS + """)
     SELECT m.new_id, %(backend)s, m.task_path, m.queue_name, m.priority, 'READY',
            (extract(epoch FROM least(m.scheduled_for, now())) * 1000000)::bigint
                - m.priority::bigint * %(aging_us)s::bigint,
