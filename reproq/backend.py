@@ -12,13 +12,12 @@ import dataclasses
 import inspect
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.core import checks
 from django.db import connections
-from django.tasks import Task, TaskResultStatus
+from django.tasks import Task
 from django.tasks.backends.base import BaseTaskBackend
 from django.tasks.base import TaskError
 from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
@@ -26,7 +25,8 @@ from django.tasks.signals import task_enqueued
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import djcursor, payload, sql
+from . import batch, djcursor, payload, sql
+from .batch import EnqueueSpec
 from .concurrency import resolve_key, rule_for
 from .conf import (
     QUEUE_NAME_RE,
@@ -41,28 +41,8 @@ from .states import RawStatus, to_django_status
 
 RESERVED_KWARGS = ("run_after", "lock_key", "priority", "concurrency_key", "concurrency_limit")
 MAX_BATCH = 10_000
+PIPELINE_CHUNK = 2_000  # tasks per statement when a bulk call is pipelined
 MAX_KEY_LENGTH = 255
-
-
-@dataclass
-class EnqueueSpec:
-    """One validated, encoded task call, ready for the ENQUEUE statement."""
-
-    task: Task
-    args: list[Any]
-    kwargs: dict[str, Any]
-    enc_args: str
-    enc_kwargs: str
-    spec_hash: str | None
-    priority: int
-    run_after: datetime | None
-    delay: float | None
-    lock_key: str | None
-    concurrency_key: str | None
-    concurrency_limit: int | None
-    max_attempts: int
-    timeout: int
-    expires_in: float | None
 
 
 _reserved_params_checked: dict[Callable[..., Any], str | None] = {}
@@ -157,14 +137,23 @@ class ReproqBackend(BaseTaskBackend):
                                   f"got {task.expires_in!r}")
 
     # ------------------------------------------------------------------ enqueue
-    def prepare(self, task: Task, args: Sequence[Any], kwargs: dict[str, Any]) -> EnqueueSpec:
-        """Validate and encode one call; raise before anything touches the database."""
-        self.validate_task(task)
-        if task.backend != self.alias:
-            raise InvalidTask(f"task {task.module_path} uses backend {task.backend!r}, "
-                              f"not {self.alias!r}")
+    def prepare(self, task: Task, args: Sequence[Any], kwargs: dict[str, Any], *,
+                validated: set[int] | None = None) -> EnqueueSpec:
+        """Validate and encode one call; raise before anything touches the database.
+
+        `validated` (ids of task objects already validated in this batch) lets a bulk call
+        validate each distinct task once.
+        """
+        if validated is None or id(task) not in validated:
+            self.validate_task(task)
+            if task.backend != self.alias:
+                raise InvalidTask(f"task {task.module_path} uses backend {task.backend!r}, "
+                                  f"not {self.alias!r}")
+            if validated is not None:
+                validated.add(id(task))
         kwargs = dict(kwargs)
-        reserved = {name: kwargs.pop(name) for name in RESERVED_KWARGS if name in kwargs}
+        reserved = ({name: kwargs.pop(name) for name in RESERVED_KWARGS if name in kwargs}
+                    if kwargs else {})
         opts = self.reproq_options
 
         priority = reserved.get("priority", task.priority)
@@ -246,59 +235,57 @@ class ReproqBackend(BaseTaskBackend):
                 task, priority=priority),
             args=list(args), kwargs=kwargs,
             enc_args=payload.dumps(enc_args, "args"),
-            enc_kwargs=payload.dumps(enc_kwargs, "kwargs"),
+            enc_kwargs=payload.dumps(enc_kwargs, "kwargs") if enc_kwargs else "{}",
             spec_hash=digest, priority=priority, run_after=run_after, delay=delay,
             lock_key=lock_key, concurrency_key=conc_key, concurrency_limit=conc_limit,
             max_attempts=max_attempts, timeout=timeout,
             expires_in=expires.total_seconds() if expires else None,
         )
 
-    def _params(self, specs: Sequence[EnqueueSpec]) -> dict[str, Any]:
+    def prepare_all(
+        self, calls: Iterable[tuple[Task, Sequence[Any], dict[str, Any]]]
+    ) -> list[EnqueueSpec]:
+        """`prepare` every call (each distinct task object validated once)."""
+        validated: set[int] = set()
+        calls = calls if isinstance(calls, list) else list(calls)
+        with batch.gc_paused(len(calls)):
+            return [self.prepare(task, args, kwargs, validated=validated)
+                    for task, args, kwargs in calls]
+
+    def _params(self, specs: list[EnqueueSpec]) -> dict[str, Any]:
         opts = self.reproq_options
-        return {
-            "ord": list(range(len(specs))),
-            "task_path": [s.task.module_path for s in specs],
-            "queue_name": [s.task.queue_name for s in specs],
-            "priority": [s.priority for s in specs],
-            "args": [s.enc_args for s in specs],
-            "kwargs": [s.enc_kwargs for s in specs],
-            "spec_hash": [s.spec_hash for s in specs],
-            "run_after": [s.run_after for s in specs],
-            "delay": [s.delay for s in specs],
-            "lock_key": [s.lock_key for s in specs],
-            "concurrency_key": [s.concurrency_key for s in specs],
-            "concurrency_limit": [s.concurrency_limit for s in specs],
-            "max_attempts": [s.max_attempts for s in specs],
-            "timeout": [s.timeout for s in specs],
-            "expires_in": [s.expires_in for s in specs],
+        params = batch.column_params(specs)
+        params.update({
             "backend": self.alias,
             "aging_us": aging_factor_us(current_runtime_settings().priority_aging_factor),
             "code_ref": opts.code_ref,
             "pip_lock_hash": opts.pip_lock_hash,
-        }
-
-    def _new_result(self, spec: EnqueueSpec, row: dict[str, Any]) -> ReproqTaskResult:
-        task = spec.task
-        if row["run_after"] > row["enqueued_at"] and task.run_after != row["run_after"]:
-            task = copy_task_unvalidated(task, run_after=row["run_after"])
-        return ReproqTaskResult(
-            task=task, id=str(row["id"]), status=TaskResultStatus.READY,
-            enqueued_at=row["enqueued_at"], started_at=None, finished_at=None,
-            last_attempted_at=None, args=spec.args, kwargs=spec.kwargs, backend=self.alias,
-            errors=[], worker_ids=[], raw_status=row["status"],
-        )
+        })
+        return params
 
     def _assemble(
-        self, specs: Sequence[EnqueueSpec], rows: list[dict[str, Any]],
+        self, specs: Sequence[EnqueueSpec], rows: list[tuple[Any, ...]],
         existing: dict[str, dict[str, Any]],
     ) -> tuple[list[ReproqTaskResult | None], list[ReproqTaskResult]]:
         """Results in input order (None where the duplicate vanished) and the new ones."""
+        with batch.gc_paused(len(rows)):
+            return self._assemble_rows(specs, rows, existing)
+
+    def _assemble_rows(
+        self, specs: Sequence[EnqueueSpec], rows: list[tuple[Any, ...]],
+        existing: dict[str, dict[str, Any]],
+    ) -> tuple[list[ReproqTaskResult | None], list[ReproqTaskResult]]:
+        inserted, enqueued_at = batch.read_rows(rows)
         results: list[ReproqTaskResult | None] = []
         fresh: list[ReproqTaskResult] = []
         first_in_batch: dict[str, ReproqTaskResult] = {}
-        for spec, row in zip(specs, rows, strict=True):
-            if row["id"] is not None:
-                result = self._new_result(spec, row)
+        alias = self.alias
+        new_result = batch.new_result
+        for spec, row in zip(specs, inserted, strict=True):
+            if row.run_id is not None:
+                assert enqueued_at is not None
+                result = new_result(spec, row.run_id, enqueued_at, row.run_after, row.waiting,
+                                    alias)
                 fresh.append(result)
                 if spec.spec_hash:
                     first_in_batch.setdefault(spec.spec_hash, result)
@@ -318,29 +305,73 @@ class ReproqBackend(BaseTaskBackend):
     def bulk_enqueue(
         self, calls: Iterable[tuple[Task, Sequence[Any], dict[str, Any]]]
     ) -> list[ReproqTaskResult]:
-        """Enqueue many calls with one INSERT per 10,000; results come back in input order."""
-        specs = [self.prepare(task, args, kwargs) for task, args, kwargs in calls]
+        """Enqueue many calls; results come back in input order.
+
+        Up to PIPELINE_CHUNK calls go in one statement. Larger batches are pipelined (see
+        `_bulk_enqueue_pipelined`) in one transaction; without prepared statements they are
+        sent as one statement per MAX_BATCH.
+        """
+        calls = calls if isinstance(calls, list) else list(calls)
+        if len(calls) > PIPELINE_CHUNK and self.reproq_options.prepared_statements:
+            return self._bulk_enqueue_pipelined(calls)
+        specs = self.prepare_all(calls)
         out: list[ReproqTaskResult] = []
         for start in range(0, len(specs), MAX_BATCH):
             out.extend(self._enqueue_batch_sync(specs[start:start + MAX_BATCH]))
         return out
 
-    def _enqueue_batch_sync(self, specs: list[EnqueueSpec]) -> list[ReproqTaskResult]:
+    def _bulk_enqueue_pipelined(
+        self, calls: list[tuple[Task, Sequence[Any], dict[str, Any]]]
+    ) -> list[ReproqTaskResult]:
+        """Encode and send chunk after chunk without waiting for replies (psycopg pipeline
+        mode), so PostgreSQL inserts one chunk while Python encodes the next; then read the
+        replies. All in one transaction (a savepoint inside the caller's): bad input found in a
+        later chunk, or a failed statement, leaves nothing behind."""
+        from django.db import transaction
+
+        sent: list[tuple[list[EnqueueSpec], Any]] = []
+        with transaction.atomic(using=self.database):
+            try:
+                with djcursor.pipeline(self.database):
+                    for start in range(0, len(calls), PIPELINE_CHUNK):
+                        specs = self.prepare_all(calls[start:start + PIPELINE_CHUNK])
+                        cursor = djcursor.cursor(self.database, binary=True)
+                        sent.append((specs, cursor))
+                        cursor.execute(sql.ENQUEUE, self._params(specs))
+                    replies = [(specs, cursor.fetchall()) for specs, cursor in sent]
+            finally:
+                for _, cursor in sent:
+                    cursor.close()
+            out: list[ReproqTaskResult] = []
+            for specs, rows in replies:
+                out.extend(self._enqueue_batch_sync(specs, first_rows=rows))
+        return out
+
+    def _enqueue_batch_sync(self, specs: list[EnqueueSpec], *,
+                            first_rows: list[tuple[Any, ...]] | None = None,
+                            ) -> list[ReproqTaskResult]:
+        """Insert `specs` with one statement and resolve dedup skips (a few rounds at most).
+        `first_rows`: the first statement's reply, when it was already sent (pipelined)."""
         results: list[ReproqTaskResult | None] = [None] * len(specs)
         pending = list(range(len(specs)))
-        with djcursor.cursor(self.database, self.reproq_options.prepared_statements) as cursor:
+        with djcursor.cursor(self.database, self.reproq_options.prepared_statements,
+                             binary=True) as cursor:
             for _ in range(5):
-                batch = [specs[i] for i in pending]
-                cursor.execute(sql.ENQUEUE, self._params(batch))
-                rows = _dict_rows(cursor)
+                chunk = [specs[i] for i in pending]
+                if first_rows is not None:
+                    rows, first_rows = first_rows, None
+                else:
+                    cursor.execute(sql.ENQUEUE, self._params(chunk))
+                    rows = cursor.fetchall()
                 existing: dict[str, dict[str, Any]] = {}
-                missing = _dedup_hits(batch, rows)
+                missing = _dedup_hits(chunk, rows)
                 if missing:
                     cursor.execute(sql.ACTIVE_BY_SPEC, {"hashes": sorted(missing)})
                     existing = {r["spec_hash"]: r for r in _dict_rows(cursor)}
-                got, fresh = self._assemble(batch, rows, existing)
-                for result in fresh:
-                    task_enqueued.send(sender=type(self), task_result=result)
+                got, fresh = self._assemble(chunk, rows, existing)
+                if fresh and batch.enqueued_signal_needed(type(self)):
+                    for result in fresh:
+                        task_enqueued.send(sender=type(self), task_result=result)
                 for i, result in zip(pending, got, strict=True):
                     results[i] = result
                 pending = [i for i in pending if results[i] is None]
@@ -359,28 +390,32 @@ class ReproqBackend(BaseTaskBackend):
         self, calls: Iterable[tuple[Task, Sequence[Any], dict[str, Any]]]
     ) -> list[ReproqTaskResult]:
         """Async enqueue on reproq's psycopg pool: its own transaction, committed at once."""
+        from psycopg.rows import tuple_row
+
         from .db import get_pool
 
-        specs = [self.prepare(task, args, kwargs) for task, args, kwargs in calls]
+        specs = self.prepare_all(calls)
         pool = await get_pool(self.database)
         out: list[ReproqTaskResult] = []
         for start in range(0, len(specs), MAX_BATCH):
-            chunk = specs[start:start + MAX_BATCH]
-            results: list[ReproqTaskResult | None] = [None] * len(chunk)
-            pending = list(range(len(chunk)))
+            part = specs[start:start + MAX_BATCH]
+            results: list[ReproqTaskResult | None] = [None] * len(part)
+            pending = list(range(len(part)))
             async with pool.connection() as conn:
                 for _ in range(5):
-                    batch = [chunk[i] for i in pending]
-                    cur = await conn.execute(sql.ENQUEUE, self._params(batch))
-                    rows = await cur.fetchall()
+                    chunk = [part[i] for i in pending]
+                    async with conn.cursor(row_factory=tuple_row) as cur:
+                        await cur.execute(sql.ENQUEUE, self._params(chunk), binary=True)
+                        rows = await cur.fetchall()
                     existing: dict[str, dict[str, Any]] = {}
-                    missing = _dedup_hits(batch, rows)
+                    missing = _dedup_hits(chunk, rows)
                     if missing:
-                        cur = await conn.execute(sql.ACTIVE_BY_SPEC, {"hashes": sorted(missing)})
-                        existing = {r["spec_hash"]: r for r in await cur.fetchall()}
-                    got, fresh = self._assemble(batch, rows, existing)
-                    for result in fresh:
-                        await task_enqueued.asend(sender=type(self), task_result=result)
+                        dcur = await conn.execute(sql.ACTIVE_BY_SPEC, {"hashes": sorted(missing)})
+                        existing = {r["spec_hash"]: r for r in await dcur.fetchall()}
+                    got, fresh = self._assemble(chunk, rows, existing)
+                    if fresh and batch.enqueued_signal_needed(type(self)):
+                        for result in fresh:
+                            await task_enqueued.asend(sender=type(self), task_result=result)
                     for i, result in zip(pending, got, strict=True):
                         results[i] = result
                     pending = [i for i in pending if results[i] is None]
@@ -499,15 +534,17 @@ def _decode_call(row: dict[str, Any], load: Any) -> tuple[list[Any], dict[str, A
     return args, kwargs
 
 
-def _dedup_hits(specs: Sequence[EnqueueSpec], rows: list[dict[str, Any]]) -> set[str]:
+def _dedup_hits(specs: Sequence[EnqueueSpec], rows: list[tuple[Any, ...]]) -> set[str]:
     """Spec hashes skipped by ON CONFLICT because of a run that existed before this statement.
 
     A duplicate of a row inserted by the same statement is resolved in `_assemble` without a
-    second statement; only the others need `ACTIVE_BY_SPEC`.
+    second statement; only the others need `ACTIVE_BY_SPEC`. (Row[0] is the new id or NULL.)
     """
-    inserted = {s.spec_hash for s, r in zip(specs, rows, strict=True) if r["id"] is not None}
-    return {s.spec_hash for s, r in zip(specs, rows, strict=True)
-            if r["id"] is None and s.spec_hash and s.spec_hash not in inserted}
+    skipped = [s.spec_hash for s, r in zip(specs, rows, strict=True) if r[0] is None]
+    if not skipped:
+        return set()
+    inserted = {s.spec_hash for s, r in zip(specs, rows, strict=True) if r[0] is not None}
+    return {h for h in skipped if h and h not in inserted}
 
 
 def _json_list(value: Any) -> list[Any]:

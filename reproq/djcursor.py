@@ -20,11 +20,12 @@ from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 class _PreparedMixin:
     cursor: Any
     db: Any
+    binary: bool = False
 
     def _execute(self, sql: str, params: Any, *ignored_wrapper_args: Any) -> Any:
         self.db.validate_no_broken_transaction()
         with self.db.wrap_database_errors:
-            return self.cursor.execute(sql, params, prepare=True)
+            return self.cursor.execute(sql, params, prepare=True, binary=self.binary)
 
 
 class PreparedCursorWrapper(_PreparedMixin, CursorWrapper):
@@ -35,14 +36,30 @@ class PreparedDebugCursorWrapper(_PreparedMixin, CursorDebugWrapper):
     pass
 
 
-def cursor(alias: str, prepared: bool = True) -> Any:
-    """A cursor on Django's connection `alias` (prepared statements unless `prepared` is off)."""
+def cursor(alias: str, prepared: bool = True, *, binary: bool = False) -> Any:
+    """A cursor on Django's connection `alias` (prepared statements unless `prepared` is off).
+
+    `binary` asks for parameters and results in PostgreSQL's binary format (no quoting of large
+    text arrays; results then come back through psycopg's own loaders, not Django's: jsonb as
+    parsed JSON, timestamptz in the session's time zone). Without prepared statements the
+    cursor is Django's own, whose results are always text — read rows by position.
+    """
     connection = connections[alias]
     if not prepared:
         return connection.cursor()
     connection.validate_thread_sharing()
     connection.ensure_connection()
     raw = psycopg.Cursor(connection.connection)
-    if connection.queries_logged:
-        return PreparedDebugCursorWrapper(raw, connection)
-    return PreparedCursorWrapper(raw, connection)
+    wrapper = (PreparedDebugCursorWrapper(raw, connection) if connection.queries_logged
+               else PreparedCursorWrapper(raw, connection))
+    wrapper.binary = binary
+    return wrapper
+
+
+def pipeline(alias: str) -> Any:
+    """psycopg pipeline mode on Django's connection `alias`: statements are sent without
+    waiting for each reply (read them with ``fetchall`` later, in order)."""
+    connection = connections[alias]
+    connection.validate_thread_sharing()
+    connection.ensure_connection()
+    return connection.connection.pipeline()

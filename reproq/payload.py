@@ -208,9 +208,12 @@ def encode_call(args: tuple | list, kwargs: dict) -> tuple[list[Any], dict[str, 
     return enc_args, enc_kwargs
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(value: Any, where: str = "payload") -> str:
     """Serialise an already-encoded value for a jsonb column (at most MAX_PAYLOAD_BYTES)."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    text = _ENCODER.encode(value)
     # Cheap test first: a str's UTF-8 form is never shorter than its character count.
     if len(text) > MAX_PAYLOAD_BYTES or len(text.encode()) > MAX_PAYLOAD_BYTES:
         size = len(text.encode())

@@ -31,30 +31,42 @@ RUN_COLUMNS = """
         blocked, cancel_requested, expires_at, status_reason, code_ref, pip_lock_hash
 """
 
-# One statement inserts a whole batch (parallel arrays, unnest), skips active duplicates through
-# the partial unique index, and notifies each queue once. Ids are drawn before the insert so
-# every input row maps back to its id, inserted or not. Runs of one batch share now(), so the
-# batch position is added to sort_key (1 microsecond each): FIFO holds within a batch too
-# (equal keys would be claimed, parked and woken in arbitrary order).
+# One statement inserts a whole batch (unnest of arrays), skips active duplicates through the
+# partial unique index, and notifies each queue once. Every column comes either as an array (one
+# value per task, parameter ``<name>``) or, when the whole batch shares it, as one value
+# (parameter ``<name>_1``, the array then being NULL): a batch of one task path and queue sends
+# two arrays, not fifteen. ``args`` is always an array; it sets the row count. Ids are drawn
+# before the insert (the sequence is looked up once) so every input row maps back to its id,
+# inserted or not. Runs of one batch share now(), so the batch position is added to sort_key
+# (1 microsecond each): FIFO holds within a batch too (equal keys would be claimed, parked and
+# woken in arbitrary order). No joins between the CTEs: their row counts are unknown to the
+# planner, and a join estimate of rows x rows made large batches cross jit_above_cost (JIT
+# compilation cost more than the insert).
+ENQUEUE_COLUMNS = (
+    ("task_path", "text"), ("queue_name", "text"), ("priority", "int"), ("kwargs", "text"),
+    ("spec_hash", "text"), ("run_after", "timestamptz"), ("delay", "float8"),
+    ("lock_key", "text"), ("concurrency_key", "text"), ("concurrency_limit", "int"),
+    ("max_attempts", "int"), ("timeout", "int"), ("expires_in", "float8"),
+)
+_ENQUEUE_ARRAYS = ", ".join(f"%({name})s::{kind}[]" for name, kind in ENQUEUE_COLUMNS)
+_ENQUEUE_NAMES = ", ".join(name for name, _ in ENQUEUE_COLUMNS)
+_ENQUEUE_VALUES = ",\n           ".join(
+    f"coalesce(t.{name}, %({name}_1)s::{kind}) AS {name}" for name, kind in ENQUEUE_COLUMNS)
 ENQUEUE = f"""
 WITH input AS (
-    SELECT *, nextval(pg_get_serial_sequence('reproq_task_runs', 'id')) AS new_id
-    FROM unnest(
-        %(ord)s::int[], %(task_path)s::text[], %(queue_name)s::text[], %(priority)s::int[],
-        %(args)s::text[], %(kwargs)s::text[], %(spec_hash)s::text[], %(run_after)s::timestamptz[],
-        %(delay)s::float8[], %(lock_key)s::text[], %(concurrency_key)s::text[],
-        %(concurrency_limit)s::int[], %(max_attempts)s::int[], %(timeout)s::int[],
-        %(expires_in)s::float8[]
-    ) AS t(ord, task_path, queue_name, priority, args, kwargs, spec_hash, run_after, delay,
-           lock_key, concurrency_key, concurrency_limit, max_attempts, timeout, expires_in)
-), timed AS (
-    SELECT i.*,
-           coalesce(i.run_after, now() + make_interval(secs => coalesce(i.delay, 0))) AS due
-    FROM input i
+    SELECT t.ord - 1 AS ord, t.args,
+           {_ENQUEUE_VALUES},
+           nextval((SELECT pg_get_serial_sequence('reproq_task_runs', 'id'))::regclass) AS new_id,
+           d.due, d.due > now() AS waiting
+    FROM unnest(%(args)s::text[], {_ENQUEUE_ARRAYS})
+         WITH ORDINALITY AS t(args, {_ENQUEUE_NAMES}, ord),
+         LATERAL (SELECT coalesce(t.run_after, %(run_after_1)s::timestamptz,
+                                  now() + make_interval(
+                                      secs => coalesce(t.delay, %(delay_1)s::float8, 0))) AS due) d
 ), ins AS (
     INSERT INTO reproq_task_runs ({RUN_COLUMNS})
     SELECT new_id, %(backend)s, task_path, queue_name, priority,
-           CASE WHEN due > now() THEN 'WAITING' ELSE 'READY' END,
+           CASE WHEN waiting THEN 'WAITING' ELSE 'READY' END,
            (extract(epoch FROM due) * 1000000)::bigint + ord
                - priority::bigint * %(aging_us)s::bigint,
            args::jsonb, kwargs::jsonb, spec_hash, now(), due, 0, max_attempts, timeout, '[]',
@@ -66,15 +78,15 @@ WITH input AS (
            CASE WHEN expires_in IS NULL THEN NULL
                 ELSE due + make_interval(secs => expires_in) END,
            '', %(code_ref)s, %(pip_lock_hash)s
-    FROM timed ORDER BY ord
+    FROM input ORDER BY ord
     ON CONFLICT (spec_hash) WHERE status IN {ACTIVE_SQL} DO NOTHING
-    RETURNING id, spec_hash, status, enqueued_at, run_after, queue_name
+    RETURNING id, task_path, queue_name, status, run_after
 ), events AS (
     INSERT INTO reproq_events (created_at, kind, run_id, task_path, queue_name, worker_id, data)
-    SELECT now(), 'enqueued', min(i.id), t.task_path, i.queue_name, '',
-           jsonb_build_object('count', count(*), 'run_ids', (array_agg(i.id ORDER BY i.id))[1:20])
-    FROM ins i JOIN timed t ON t.new_id = i.id
-    GROUP BY t.task_path, i.queue_name
+    SELECT now(), 'enqueued', min(id), task_path, queue_name, '',
+           jsonb_build_object('count', count(*), 'run_ids', (array_agg(id ORDER BY id))[1:20])
+    FROM ins
+    GROUP BY task_path, queue_name
     RETURNING 1
 ), notified AS (
     SELECT count(pg_notify('{CHANNEL}', payload)) AS n FROM (
@@ -84,9 +96,12 @@ WITH input AS (
         WHERE status = 'WAITING' HAVING count(*) > 0
     ) p
 )
-SELECT t.ord, t.spec_hash, ins.id, ins.status, ins.enqueued_at, ins.run_after,
+SELECT CASE WHEN t.new_id IN (SELECT id FROM ins) THEN t.new_id END AS id,
+       t.waiting,
+       CASE WHEN t.waiting THEN t.due END AS run_after,
+       CASE WHEN t.ord = 0 THEN now() END AS enqueued_at,
        (SELECT n FROM notified) AS notified
-FROM timed t LEFT JOIN ins ON ins.id = t.new_id
+FROM input t
 ORDER BY t.ord
 """
 
@@ -128,6 +143,32 @@ _NOTIFY_READY_QUEUES = f"""
     FROM (SELECT DISTINCT queue_name AS q FROM {{source}} WHERE status = 'READY') d
 """
 
+# The columns a claim returns for each row it decided on (what the executor needs to run it).
+_CLAIM_RETURNING = """t.id, t.task_path, t.queue_name, t.priority, t.status, t.args, t.kwargs,
+              t.enqueued_at, t.run_after, t.started_at, t.last_attempted_at, t.attempts,
+              t.max_attempts, t.timeout_seconds, t.worker_ids, t.metadata, t.cancel_requested"""
+
+# Did the claim pass over READY rows of these queues that SKIP LOCKED left out? Only looked at
+# when the claim found fewer rows than it asked for (a full claim is followed by another one
+# anyway), and in index order, so that it never scans the table.
+_SKIPPED_LOCKED = """CASE WHEN (SELECT count(*) FROM cand) < %(limit)s THEN EXISTS (
+        SELECT 1 FROM live q CROSS JOIN LATERAL (
+            SELECT 1 FROM reproq_task_runs r
+            WHERE r.status = 'READY' AND r.queue_name = q.name
+              AND r.id NOT IN (SELECT id FROM cand)
+            ORDER BY r.sort_key
+            LIMIT 1
+        ) x
+    ) ELSE false END"""
+
+# The due, unlocked candidates of a claim: one index range scan per non-paused queue (LATERAL),
+# rows locked with SKIP LOCKED so claimers never wait on each other, merged in sort_key order.
+_CLAIM_LIVE = """live AS MATERIALIZED (
+    SELECT q.name FROM unnest(%(queues)s::text[]) AS q(name)
+    WHERE NOT EXISTS (SELECT 1 FROM reproq_queue_controls qc
+                      WHERE qc.queue_name = q.name AND qc.paused)
+)"""
+
 # Claim up to %(limit)s due rows of the given queues in sort_key order, in ONE statement:
 #  1. candidates: one index range scan per non-paused queue (LATERAL), rows locked with SKIP
 #     LOCKED so claimers never wait on each other;
@@ -144,13 +185,9 @@ _NOTIFY_READY_QUEUES = f"""
 # FOR UPDATE found a row updated meanwhile (e.g. two promoters, or UNBLOCK and the release
 # trigger, waking the same row) keeps the lock on the new version even when it no longer
 # qualifies, until it commits, and sends no NOTIFY. The claimer then looks again shortly instead
-# of sleeping until the next NOTIFY or the fallback timer.
+# of sleeping until the next NOTIFY or the fallback timer. The runtime tries `CLAIM_FAST` first.
 CLAIM = f"""
-WITH live AS MATERIALIZED (
-    SELECT q.name FROM unnest(%(queues)s::text[]) AS q(name)
-    WHERE NOT EXISTS (SELECT 1 FROM reproq_queue_controls qc
-                      WHERE qc.queue_name = q.name AND qc.paused)
-), cand AS (
+WITH {_CLAIM_LIVE}, cand AS (
     SELECT c.* FROM live q
     CROSS JOIN LATERAL (
         SELECT r.id, r.sort_key, r.queue_name, r.task_path, r.sem_key, r.sem_limit,
@@ -246,29 +283,96 @@ WITH live AS MATERIALIZED (
             ELSE t.status_reason END
     FROM decided d
     WHERE t.id = d.id
-    RETURNING t.id, t.task_path, t.queue_name, t.priority, t.status, t.args, t.kwargs,
-              t.enqueued_at, t.run_after, t.started_at, t.last_attempted_at, t.attempts,
-              t.max_attempts, t.timeout_seconds, t.worker_ids, t.errors, t.metadata,
-              t.cancel_requested
+    RETURNING {_CLAIM_RETURNING}
 ), notified AS (
     SELECT count(pg_notify('{CHANNEL}', 'w:' || extract(epoch FROM due)::text)) AS n
     FROM (SELECT min(run_after) AS due FROM claimed
           WHERE status = 'WAITING' AND run_after > now()) d
     WHERE due IS NOT NULL
-), skipped AS (
-    SELECT EXISTS (
-        SELECT 1 FROM live q CROSS JOIN LATERAL (
-            SELECT 1 FROM reproq_task_runs r
-            WHERE r.status = 'READY' AND r.queue_name = q.name
-              AND r.id NOT IN (SELECT id FROM cand)
-            LIMIT 1
-        ) x
-    ) AS found
 )
-SELECT claimed.*, (SELECT n FROM notified) AS notified,
-       (SELECT found FROM skipped) AS skipped_locked
+SELECT claimed.*, (SELECT n FROM notified) AS notified, {_SKIPPED_LOCKED} AS skipped_locked
 FROM (SELECT 1) AS one LEFT JOIN claimed ON true
 """
+
+# The claim without flow control, for the common case: candidates chosen exactly as CLAIM does,
+# but only those that need no token and no semaphore slot are decided on (RUNNING, or EXPIRED),
+# which is what CLAIM would decide for them too. A candidate that has a lock/concurrency key or
+# a token bucket (task:, queue: or global) is left READY and counted in `passed`: the runtime
+# then runs CLAIM at once for the slots still free (and keeps using it for a while). It is
+# short to plan (CLAIM's planning costs more than its execution on a no-op drain) and touches
+# neither reproq_rate_limits rows nor reproq_concurrency. Same result shape as CLAIM, with
+# `passed` instead of `notified` (it defers nothing, so it never announces a due time).
+CLAIM_FAST = f"""
+WITH {_CLAIM_LIVE}, cand AS (
+    SELECT c.*,
+           NOT c.expired AND (c.sem_key IS NOT NULL OR EXISTS (
+               SELECT 1 FROM reproq_rate_limits b
+               WHERE b.key IN ('task:' || c.task_path, 'queue:' || c.queue_name, 'global')
+           )) AS gated
+    FROM live q
+    CROSS JOIN LATERAL (
+        SELECT r.id, r.sort_key, r.queue_name, r.task_path, r.sem_key,
+               coalesce(r.expires_at <= now(), false) AS expired
+        FROM reproq_task_runs r
+        WHERE r.status = 'READY' AND r.queue_name = q.name
+        ORDER BY r.sort_key
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) c
+    ORDER BY c.sort_key
+    LIMIT %(limit)s
+), claimed AS (
+    UPDATE reproq_task_runs t SET
+        status = CASE WHEN c.expired THEN 'EXPIRED' ELSE 'RUNNING' END,
+        blocked = false,
+        attempts = t.attempts + CASE WHEN c.expired THEN 0 ELSE 1 END,
+        started_at = CASE WHEN c.expired THEN t.started_at ELSE coalesce(t.started_at, now()) END,
+        last_attempted_at = CASE WHEN c.expired THEN t.last_attempted_at ELSE now() END,
+        finished_at = CASE WHEN c.expired THEN now() END,
+        worker_ids = CASE WHEN c.expired THEN t.worker_ids
+                          ELSE t.worker_ids || to_jsonb(%(worker)s::text) END,
+        lease_owner = CASE WHEN c.expired THEN NULL ELSE %(worker)s END,
+        leased_until = CASE WHEN c.expired THEN NULL
+                            ELSE now() + make_interval(secs => %(lease)s) END,
+        status_reason = CASE WHEN c.expired
+                             THEN 'expired: not started before ' || t.expires_at::text
+                             ELSE t.status_reason END
+    FROM cand c
+    WHERE t.id = ANY(ARRAY(SELECT id FROM cand WHERE NOT gated)) AND t.id = c.id
+    RETURNING {_CLAIM_RETURNING}
+)
+SELECT claimed.*, (SELECT count(*) FROM cand WHERE gated) AS passed,
+       {_SKIPPED_LOCKED} AS skipped_locked
+FROM (SELECT 1) AS one LEFT JOIN claimed ON true
+"""
+
+_CLAIM_FAST_TEXTS: dict[tuple[tuple[str, ...], int], str] = {}
+_CLAIM_FAST_TEXTS_MAX = 256
+
+
+def claim_fast(queues: tuple[str, ...], limit: int) -> str:
+    """`CLAIM_FAST` with the queues and the limit written into the text (one text per runtime
+    and free-slot count; the worker and lease stay parameters).
+
+    As parameters, a generic plan has to guess them (10 queues; 10% of the table), so
+    PostgreSQL re-plans every claim, or settles on a generic plan built on those guesses —
+    which, depending on the table's statistics, may be the cheaper-looking one. Written in,
+    the prepared statement's generic plan is the custom plan, PostgreSQL switches to it after
+    five runs, and a claim costs no planning at all. Counted as a CLAIM in
+    `reproq.db.statement_counts`.
+    """
+    key = (tuple(queues), int(limit))
+    text = _CLAIM_FAST_TEXTS.get(key)
+    if text is None:
+        if len(_CLAIM_FAST_TEXTS) >= _CLAIM_FAST_TEXTS_MAX or key[1] < 1:
+            return CLAIM_FAST
+        from psycopg.sql import Literal
+
+        queues_sql = Literal(list(key[0])).as_string().replace("%", "%%")  # not a placeholder
+        text = CLAIM_FAST.replace("%(queues)s", queues_sql).replace("%(limit)s", str(key[1]))
+        _CLAIM_FAST_TEXTS[key] = text
+        _NAMES[id(text)] = "CLAIM"
+    return text
 
 # Record finished attempts of one worker in one statement. Rows whose lease this worker lost
 # (reclaimed elsewhere) are left alone. A retry goes to WAITING (or READY without delay).
@@ -538,5 +642,27 @@ def name_of(query: object) -> str:
 
 
 _FRAGMENTS = {"CHANNEL", "ACTIVE_SQL", "RUN_COLUMNS", "RESULT_COLUMNS"}
+
+
+def _compact(query: str) -> str:
+    """The statement without indentation and blank lines (same SQL, fewer bytes to send)."""
+    return "\n".join(line.strip() for line in query.splitlines() if line.strip())
+
+
+# psycopg caches the parsing of a statement's %(name)s placeholders only up to 4 KB of text
+# (psycopg._queries.MAX_CACHED_STATEMENT_LENGTH); longer ones are parsed again on every call,
+# which costs a claim or an enqueue about half a millisecond of CPU. Statements are compacted,
+# and the limit is raised where this psycopg version has it.
+for _key, _value in list(globals().items()):
+    if _key.isupper() and isinstance(_value, str) and _key not in _FRAGMENTS:
+        globals()[_key] = _compact(_value)
+try:
+    from psycopg import _queries as _psycopg_queries
+
+    if getattr(_psycopg_queries, "MAX_CACHED_STATEMENT_LENGTH", 0) < 16384:
+        _psycopg_queries.MAX_CACHED_STATEMENT_LENGTH = 16384
+except ImportError:  # pragma: no cover - a psycopg without this module parses every time
+    pass
+
 _NAMES = {id(value): key for key, value in list(globals().items())
           if key.isupper() and isinstance(value, str) and key not in _FRAGMENTS}

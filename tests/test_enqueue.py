@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from reproq import db as reproq_db
 from reproq import payload
-from reproq.backend import MAX_BATCH
+from reproq.backend import MAX_BATCH, PIPELINE_CHUNK
 from reproq.exceptions import InvalidEnqueue
 from reproq.models import TaskRun
 from reproq.payload import PayloadError
@@ -57,6 +57,12 @@ def tasks_setting(**options):
 
 def row_count():
     return TaskRun.objects.count()
+
+
+@pytest.fixture
+def no_prepared_statements():
+    with override_settings(TASKS=tasks_setting(PREPARED_STATEMENTS=False)):
+        yield
 
 
 # --------------------------------------------------------------------------- listener helpers
@@ -224,12 +230,35 @@ def test_enqueue_inside_atomic_is_one_statement():
     assert len(ctx.captured_queries) == 1
 
 
+def enqueue_statements(ctx: CaptureQueriesContext) -> list[str]:
+    return [q["sql"] for q in ctx.captured_queries if "INSERT INTO reproq_task_runs" in q["sql"]]
+
+
+def other_statements(ctx: CaptureQueriesContext) -> list[str]:
+    """Captured statements that are neither ENQUEUE nor transaction control."""
+    return [q["sql"] for q in ctx.captured_queries
+            if "INSERT INTO reproq_task_runs" not in q["sql"]
+            and not q["sql"].upper().startswith(("SAVEPOINT", "RELEASE SAVEPOINT", "BEGIN",
+                                                   "COMMIT"))]
+
+
 @pytest.mark.django_db
-def test_bulk_enqueue_of_ten_thousand_is_one_statement_in_input_order():
-    calls = [(tasks.echo, (i,), {"n": i}) for i in range(MAX_BATCH)]
+def test_bulk_enqueue_up_to_the_pipeline_chunk_is_one_statement():
+    calls = [(tasks.echo, (i,), {"n": i}) for i in range(PIPELINE_CHUNK)]
     with CaptureQueriesContext(connection) as ctx:
         results = backend().bulk_enqueue(calls)
     assert len(ctx.captured_queries) == 1
+    assert [r.args for r in results] == [[i] for i in range(PIPELINE_CHUNK)]
+
+
+@pytest.mark.django_db
+def test_bulk_enqueue_of_ten_thousand_is_pipelined_in_input_order():
+    calls = [(tasks.echo, (i,), {"n": i}) for i in range(MAX_BATCH)]
+    with CaptureQueriesContext(connection) as ctx:
+        results = backend().bulk_enqueue(calls)
+    # one statement per chunk, sent back to back without waiting (pipeline), in a savepoint
+    assert len(enqueue_statements(ctx)) == MAX_BATCH // PIPELINE_CHUNK
+    assert other_statements(ctx) == []
     assert len(results) == MAX_BATCH
     assert [r.args for r in results] == [[i] for i in range(MAX_BATCH)]
     assert len({r.id for r in results}) == MAX_BATCH
@@ -241,7 +270,21 @@ def test_bulk_enqueue_of_ten_thousand_is_one_statement_in_input_order():
 
 
 @pytest.mark.django_db
-def test_bulk_enqueue_over_the_batch_size_is_one_statement_per_batch():
+def test_bulk_enqueue_resolves_duplicates_across_pipelined_chunks():
+    calls = [(tasks.echo, (i,), {}) for i in range(PIPELINE_CHUNK + 1)]
+    calls.append((tasks.echo, (0,), {}))  # a duplicate of the first chunk, in the second
+    with CaptureQueriesContext(connection) as ctx:
+        results = backend().bulk_enqueue(calls)
+    assert len(enqueue_statements(ctx)) == 2
+    assert len(other_statements(ctx)) == 1  # the look-up of the cross-chunk duplicate
+    assert [r.args for r in results[-3:]] == [[PIPELINE_CHUNK - 1], [PIPELINE_CHUNK], [0]]
+    assert results[-1].id == results[0].id
+    assert row_count() == PIPELINE_CHUNK + 1
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("no_prepared_statements")
+def test_bulk_enqueue_without_prepared_statements_is_one_statement_per_batch():
     calls = [(tasks.echo, (i,), {}) for i in range(MAX_BATCH + 1)]
     calls.append((tasks.echo, (0,), {}))  # a duplicate of the first batch, in the second
     with CaptureQueriesContext(connection) as ctx:
@@ -251,6 +294,16 @@ def test_bulk_enqueue_over_the_batch_size_is_one_statement_per_batch():
     assert [r.args for r in results[-3:]] == [[MAX_BATCH - 1], [MAX_BATCH], [0]]
     assert results[-1].id == results[0].id
     assert row_count() == MAX_BATCH + 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bad_call_in_a_later_pipelined_chunk_writes_nothing():
+    calls = [(tasks.add, (i, i), {}) for i in range(3 * PIPELINE_CHUNK)]
+    calls.insert(2 * PIPELINE_CHUNK + 5, (tasks.echo, (object(),), {}))
+    with pytest.raises(PayloadError, match=r"args\[0\]"):
+        backend().bulk_enqueue(calls)
+    assert row_count() == 0
+    assert backend().bulk_enqueue(calls[:10])[0].args == [0, 0]  # the connection still works
 
 
 @pytest.mark.django_db
