@@ -17,6 +17,7 @@ from typing import Any
 
 from django.conf import settings
 
+YIELD_MAX_WAIT_LIMIT = 1.0  # seconds: the longest YIELD_MAX_WAIT_SECONDS accepted
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 BACKEND_PATH = "reproq.backend.ReproqBackend"
 
@@ -177,6 +178,8 @@ class RuntimeSettings:
     leader_timeout_seconds: float = 15.0
     misfire_grace_seconds: float = 60.0
     sync_recurring_on_migrate: bool = True
+    yield_to_requests: bool = True  # requests first: hold back new work while requests run
+    yield_max_wait_seconds: float = 0.05  # ... for at most this long per wait (<= 1)
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -204,6 +207,8 @@ _RUNTIME_KINDS: dict[str, str] = {
     "leader_timeout_seconds": "posnum",
     "misfire_grace_seconds": "posnum",
     "sync_recurring_on_migrate": "bool",
+    "yield_to_requests": "bool",
+    "yield_max_wait_seconds": "posnum",
 }
 
 _HINTS = {
@@ -316,6 +321,12 @@ def load_runtime_settings(
                                 f"{2 * (rs.leader_timeout_seconds + rs.beat_interval_seconds):g})",
                                 "raise it (default 60) so ticks missed in a failover are caught "
                                 "up one by one"))
+    if rs.yield_max_wait_seconds > YIELD_MAX_WAIT_LIMIT:
+        problems.append(Problem("REPROQ_RUNTIME['YIELD_MAX_WAIT_SECONDS']",
+                                f"{rs.yield_max_wait_seconds} is above {YIELD_MAX_WAIT_LIMIT:g}s",
+                                "tasks could wait that long behind every request: write a "
+                                "number of seconds in (0, 1], e.g. 0.05, or set "
+                                "YIELD_TO_REQUESTS to False"))
     tasks = getattr(settings, "TASKS", {})
     if rs.backend not in tasks:
         problems.append(Problem("REPROQ_RUNTIME['BACKEND']", f"{rs.backend!r} is not in TASKS",

@@ -6,6 +6,10 @@ startup starts the runtime (or sends ``lifespan.startup.failed`` with the reason
 uvicorn, gunicorn and granian exit instead of serving without tasks), shutdown stops it
 gracefully. Servers that send no lifespan (daphne, ``--lifespan off``) start it lazily on the
 first request, and daphne through its reactor hooks (`reproq.asgi.daphne`).
+
+It also counts HTTP requests in flight for the runtime's "requests first" gate
+(`reproq.runtime.gate`): from the scope's arrival until the response is complete, or until it
+turns out to be a stream (SSE, chunked bodies), which stops counting. WebSockets never count.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import threading
 from typing import Any
 
 from ..runtime import host
+from ..runtime.gate import REQUESTS
 
 logger = logging.getLogger("reproq.asgi")
 
@@ -52,7 +57,26 @@ class ReproqLifespan:
             return
         if kind in {"http", "websocket"} and not self._shutdown and host.current() is None:
             await self._lazy_start()
-        await self.app(scope, receive, send)
+        if kind != "http":
+            await self.app(scope, receive, send)
+            return
+        token = REQUESTS.enter()
+
+        async def counted_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                if not message.get("more_body", False):
+                    await send(message)  # complete: the client has it, the runtime may go on
+                    REQUESTS.leave(token)
+                    return
+                REQUESTS.leave(token)  # a streamed body (SSE, chunks): may last for ever
+            elif message["type"] == "http.response.start" and _is_event_stream(message):
+                REQUESTS.leave(token)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            REQUESTS.leave(token)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -100,6 +124,13 @@ class ReproqLifespan:
             if not self._warned:
                 self._warned = True
                 logger.error("reproq: runtime failed to start on first request: %s", exc)
+
+
+def _is_event_stream(message: dict[str, Any]) -> bool:
+    for name, value in message.get("headers", ()):
+        if name.lower() == b"content-type":
+            return value.lower().startswith(b"text/event-stream")
+    return False
 
 
 _watchdog_started = False

@@ -2,14 +2,22 @@
 
 It claims again as soon as a slot frees up while it keeps filling every free slot (more work is
 likely waiting), and otherwise sleeps until the listener wakes it (NOTIFY), or the fallback timer
-fires (missed notifications, poll-only mode). When its claim passed over READY rows locked by
-another statement, it looks again shortly (see `reproq.sql.CLAIM`): their lock holder may leave
-them READY without announcing them. Rows claimed while shutdown began are released.
+fires (missed notifications, poll-only mode). When fewer than half the slots are free and runs
+are still going, it first gives them up to COALESCE_SECONDS to free more, so that one claim fills
+several slots. When its claim passed over READY rows locked by another statement, it looks again
+shortly (see `reproq.sql.CLAIM`): their lock holder may leave them READY without announcing
+them. Rows claimed while shutdown began are released.
+
+Each claim first tries `reproq.sql.CLAIM_FAST` (no flow control; cheap to plan). When it passes
+over rows that need a token or a semaphore slot, `reproq.sql.CLAIM` claims the free slots left at
+once, and is used alone for the next FULL_CLAIM_SECONDS (flow-controlled work tends to keep
+coming), then the fast claim is tried again.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -22,6 +30,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("reproq.runtime")
 RECHECK_FIRST = 0.05  # seconds before claiming again after passing over locked READY rows
 RECHECK_MAX = 1.0
+FULL_CLAIM_SECONDS = 5.0  # after a fast claim passed over flow-controlled rows
+COALESCE_SECONDS = 0.002  # longest wait for more slots to free before a small claim
+
+# Either claim statement counts as a CLAIM in `reproq.db.statement_counts`.
+sql._NAMES[id(sql.CLAIM_FAST)] = "CLAIM"
 
 
 class Claimer:
@@ -35,6 +48,9 @@ class Claimer:
         self.stopping = False
         self.skipped_locked = False  # the last claim passed over locked READY rows
         self.rechecks = 0
+        self.full_until = 0.0  # monotonic time until which only CLAIM is used
+        self.fallbacks = 0  # fast claims that passed over flow-controlled rows
+        self.coalesced = 0  # claims held back for more slots to free (`_gather_slots`)
 
     def wake(self) -> None:
         self._wake.set()
@@ -45,17 +61,40 @@ class Claimer:
 
     async def claim_once(self, limit: int) -> list[dict[str, Any]]:
         rt = self.runtime
+        params = {"queues": list(rt.queues), "limit": limit, "worker": rt.worker_id,
+                  "lease": rt.settings.lease_seconds}
+        got: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] | None = None
         async with rt.pool.connection() as conn:
-            cur = await conn.execute(sql.CLAIM, {
-                "queues": list(rt.queues), "limit": limit, "worker": rt.worker_id,
-                "lease": rt.settings.lease_seconds,
-            })
-            rows = await cur.fetchall()
-        self.skipped_locked = bool(rows and rows[0]["skipped_locked"])
-        rows = [r for r in rows if r["id"] is not None]  # one row of NULLs when none
+            if time.monotonic() >= self.full_until:
+                cur = await conn.execute(sql.claim_fast(rt.queues, limit), params)
+                rows = await cur.fetchall()
+                if rows[0]["passed"]:
+                    # Rows that need a token or a slot: CLAIM decides on them (and more).
+                    self.full_until = time.monotonic() + FULL_CLAIM_SECONDS
+                    self.fallbacks += 1
+                    got = [r for r in rows if r["id"] is not None]
+                    params["limit"] = limit - len(got)
+                    rows = None
+            if rows is None:
+                cur = await conn.execute(sql.CLAIM, params)
+                rows = await cur.fetchall()
+        self.skipped_locked = bool(rows[0]["skipped_locked"])
+        rows = got + [r for r in rows if r["id"] is not None]  # one row of NULLs when none
         self.claims += 1
         self.claimed += len(rows)
         return rows
+
+    async def _gather_slots(self) -> int:
+        """A few slots freed while other runs go on: let more free (up to half of them, for at
+        most COALESCE_SECONDS) so that one claim fills several; return the free slots."""
+        executor = self.runtime.executor
+        half = executor.concurrency // 2
+        self.coalesced += 1
+        with anyio.move_on_after(COALESCE_SECONDS):
+            while executor.free_slots() < half and executor.running and not self.stopping:
+                await executor.slot_freed.wait()
+        return executor.free_slots()
 
     async def run(self, tg: anyio.abc.TaskGroup) -> None:
         rt = self.runtime
@@ -66,9 +105,12 @@ class Claimer:
             while not self.stopping:
                 self._wake = anyio.Event()
                 free = executor.free_slots()
+                if 0 < free < executor.concurrency // 2 and executor.running:
+                    free = await self._gather_slots()
                 full = False
                 ran = 0
                 if free > 0:
+                    await rt.gate.wait()  # requests first (reproq.runtime.gate)
                     rows = await self.claim_once(free)
                     runnable = [r for r in rows if r["status"] == "RUNNING"]
                     ran = len(runnable)

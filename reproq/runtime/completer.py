@@ -64,11 +64,11 @@ class Completer:
         params: dict[str, Any] = {
             "ids": [c.id for c in batch],
             "status": [c.status for c in batch],
-            "return_value": [c.return_value for c in batch],
-            "error": [c.error for c in batch],
-            "delay": [c.delay for c in batch],
-            "reason": [c.reason for c in batch],
-            "metadata": [c.metadata for c in batch],
+            "return_value": _column([c.return_value for c in batch]),
+            "error": _column([c.error for c in batch]),
+            "delay": _column([c.delay for c in batch]),
+            "reason": _column([c.reason or None for c in batch]),  # NULL reads as ''
+            "metadata": _column([c.metadata for c in batch]),
             "worker": self.runtime.worker_id,
             "aging_us": aging_factor_us(self.runtime.settings.priority_aging_factor),
         }
@@ -78,3 +78,9 @@ class Completer:
         self.written += len(batch)
         if any(c.status == "WAITING" for c in batch):
             self.runtime.promoter.poke()
+
+
+def _column(values: list[Any]) -> list[Any] | None:
+    """NULL instead of an array of NULLs (a multi-array unnest pads a NULL array with NULLs):
+    a batch of plain successes sends three arrays (ids, status, return value), not seven."""
+    return None if all(v is None for v in values) else values

@@ -58,10 +58,10 @@ class Job:
     timed_out: bool = False
     in_thread: bool = False  # a worker thread is executing it right now
     started: float = field(default_factory=time.monotonic)
+    id: int = field(init=False)
 
-    @property
-    def id(self) -> int:
-        return int(self.row["id"])
+    def __post_init__(self) -> None:
+        self.id = int(self.row["id"])
 
     @property
     def attempt(self) -> int:
@@ -134,10 +134,38 @@ class MetadataSaver(MetadataSaverSync):
 
 
 _LOG_RECEIVER_MODULE = "django.tasks.signals"
+_TASKS_LOGGER = logging.getLogger("django.tasks")  # what Django's own log receivers log to
+_log_only_cache: dict[tuple[Any, ...], bool] = {}
 
 
 def _send(signal: Any, result: ReproqTaskResult) -> None:
     signal.send(sender=ReproqBackend, task_result=result)
+
+
+def _log_only(signal: Any) -> bool:
+    """True when every receiver of `signal` for reproq's backend is one of Django's own log
+    receivers (`django.tasks.signals`); remembered until the signal's receivers change."""
+    key = (id(signal), *(entry[0] for entry in signal.receivers))
+    known = _log_only_cache.get(key)
+    if known is None:
+        sync_receivers, async_receivers = signal._live_receivers(ReproqBackend)
+        known = not async_receivers and all(
+            getattr(r, "__module__", "") == _LOG_RECEIVER_MODULE for r in sync_receivers)
+        if len(_log_only_cache) > 64:
+            _log_only_cache.clear()
+        _log_only_cache[key] = known
+    return known
+
+
+def _silent(signal: Any, level: int) -> bool:
+    """Sending `signal` would do nothing: only Django's log receivers listen and the
+    django.tasks logger drops `level` (then the result object need not even be built)."""
+    return not _TASKS_LOGGER.isEnabledFor(level) and _log_only(signal)
+
+
+def _finish_level(completion: Completion) -> int:
+    """The level Django's task_finished log receiver logs `completion` at."""
+    return logging.INFO if completion.status == "SUCCESSFUL" else logging.ERROR
 
 
 class Executor:
@@ -147,9 +175,17 @@ class Executor:
         self.runtime = runtime
         self.concurrency = runtime.settings.concurrency
         self.threads = DaemonThreadPool(self.concurrency)
+        self._tasks: dict[str, Task] = {}  # task paths resolved by this runtime
         self.running: dict[int, Job] = {}
         self.early_cancels: dict[int, float] = {}  # cancels heard before their job started
-        self.slot_freed = anyio.Event()
+        self._slot_freed: anyio.Event | None = None
+
+    @property
+    def slot_freed(self) -> anyio.Event:
+        """Set at the next slot release (made on demand: no event per run when none waits)."""
+        if self._slot_freed is None:
+            self._slot_freed = anyio.Event()
+        return self._slot_freed
 
     def free_slots(self) -> int:
         return max(self.concurrency - len(self.running), 0)
@@ -167,8 +203,9 @@ class Executor:
 
     def _release_slot(self, job: Job) -> None:
         self.running.pop(job.id, None)
-        self.slot_freed.set()
-        self.slot_freed = anyio.Event()
+        event, self._slot_freed = self._slot_freed, None
+        if event is not None:
+            event.set()
         self.runtime.claimer.slot_freed()
 
     def cancel(self, run_id: int, *, lost: bool = False) -> bool:
@@ -194,6 +231,7 @@ class Executor:
 
     # ------------------------------------------------------------------ one attempt
     async def _run(self, job: Job) -> None:
+        await self.runtime.gate.wait()  # requests first (reproq.runtime.gate)
         start = time.monotonic()
         try:
             completion = await self._attempt(job)
@@ -218,10 +256,12 @@ class Executor:
 
     def _result(self, task: Task, job: Job, args: list[Any], kwargs: dict[str, Any],
                 status: TaskResultStatus = TaskResultStatus.RUNNING,
-                raw: str = "RUNNING") -> ReproqTaskResult:
+                raw: str = "RUNNING", started: ReproqTaskResult | None = None
+                ) -> ReproqTaskResult:
         row = job.row
-        task = copy_task_unvalidated(task, priority=row["priority"], queue_name=row["queue_name"],
-                                     backend=self.runtime.backend.alias)
+        task = started.task if started is not None else copy_task_unvalidated(
+            task, priority=row["priority"], queue_name=row["queue_name"],
+            backend=self.runtime.backend.alias)
         return ReproqTaskResult(
             task=task, id=str(row["id"]), status=status, enqueued_at=row["enqueued_at"],
             started_at=row["started_at"], finished_at=None,
@@ -236,10 +276,12 @@ class Executor:
             return Completion(id=job.id, status="EXPIRED", reason="expired before it started")
         if job.cancel_requested:
             return self._cancelled(job, TaskCancelled("cancelled before it started"))
-        try:
-            task = resolve_task(row["task_path"])
-        except Exception as exc:
-            return self._fail(job, exc)
+        task = self._tasks.get(row["task_path"])
+        if task is None:
+            try:
+                task = self._tasks[row["task_path"]] = resolve_task(row["task_path"])
+            except Exception as exc:
+                return self._fail(job, exc)
         timeout = float(row["timeout_seconds"])
         if iscoroutinefunction(task.func):
             return await self._attempt_async(job, task, timeout)
@@ -256,19 +298,24 @@ class Executor:
                 args, kwargs = decode_call(job.row)
         except Exception as exc:
             return self._fail(job, exc)
-        result = self._result(task, job, args, kwargs)
+        quiet = _silent(task_started, logging.INFO)
+        result = (self._result(task, job, args, kwargs)
+                  if task.takes_context or not quiet else None)
         context = self._context(task, job, result)
-        await self._signal(task_started, result)
+        if result is not None and not quiet:
+            await self._signal(task_started, result)
         call_args = [context, *args] if context is not None else args
         try:
-            with anyio.CancelScope() as scope:
+            # One scope for both ends: its deadline (timeout) and `cancel` (cancel_flag set).
+            with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
                 job.scope = scope
                 if job.cancel_flag.is_set():
                     scope.cancel()
-                with anyio.fail_after(timeout):
-                    value = await task.func(*call_args, **kwargs)
+                value = await task.func(*call_args, **kwargs)
             if scope.cancelled_caught:
-                raise TaskCancelled("cancelled while running")
+                if job.cancel_flag.is_set():
+                    raise TaskCancelled("cancelled while running")
+                raise TimeoutError
             completion = self._success(job, value, context)
         except TimeoutError as exc:
             error = TaskTimeout(f"async task exceeded its timeout of {timeout:g}s and was "
@@ -280,13 +327,17 @@ class Executor:
         except Exception as exc:
             completion = (self._cancelled(job, exc) if job.cancel_requested
                           else self._fail(job, exc))
-            if completion.status in {"FAILED", "CANCELLED"}:
-                await self._signal(task_finished, self._final(task, job, args, kwargs, completion))
+            if (completion.status in {"FAILED", "CANCELLED"}
+                    and not _silent(task_finished, _finish_level(completion))):
+                await self._signal(task_finished, self._final(task, job, args, kwargs, completion,
+                                                              result))
             return self._with_metadata(completion, context)
         finally:
             job.scope = None
-        if completion.status in {"SUCCESSFUL", "FAILED", "CANCELLED"}:
-            await self._signal(task_finished, self._final(task, job, args, kwargs, completion))
+        if (completion.status in {"SUCCESSFUL", "FAILED", "CANCELLED"}
+                and not _silent(task_finished, _finish_level(completion))):
+            await self._signal(task_finished, self._final(task, job, args, kwargs, completion,
+                                                          result))
         return self._with_metadata(completion, context)
 
     async def _attempt_thread(self, job: Job, task: Task, timeout: float) -> Completion:
@@ -320,9 +371,12 @@ class Executor:
                 args, kwargs = decode_call(job.row)
             except Exception as exc:
                 return self._fail(job, exc)
-            result = self._result(task, job, args, kwargs)
+            quiet = _silent(task_started, logging.INFO)
+            result = (self._result(task, job, args, kwargs)
+                      if task.takes_context or not quiet else None)
             context = self._context(task, job, result)
-            _send(task_started, result)
+            if result is not None and not quiet:
+                _send(task_started, result)
             call_args = [context, *args] if context is not None else args
             try:
                 value = task.func(*call_args, **kwargs)
@@ -334,24 +388,30 @@ class Executor:
             except Exception as exc:
                 completion = (self._cancelled(job, exc) if job.cancel_requested
                               else self._fail(job, exc))
-                if completion.status in {"FAILED", "CANCELLED"}:
-                    _send(task_finished, self._final(task, job, args, kwargs, completion))
+                if (completion.status in {"FAILED", "CANCELLED"}
+                        and not _silent(task_finished, _finish_level(completion))):
+                    _send(task_finished, self._final(task, job, args, kwargs, completion, result))
                 return self._with_metadata(completion, context)
-            if completion.status in {"SUCCESSFUL", "FAILED", "CANCELLED"} and not job.timed_out:
-                _send(task_finished, self._final(task, job, args, kwargs, completion))
+            if (completion.status in {"SUCCESSFUL", "FAILED", "CANCELLED"} and not job.timed_out
+                    and not _silent(task_finished, _finish_level(completion))):
+                _send(task_finished, self._final(task, job, args, kwargs, completion, result))
             return self._with_metadata(completion, context)
         finally:
             close_old_connections()
 
     # ------------------------------------------------------------------ helpers
-    def _context(self, task: Task, job: Job, result: ReproqTaskResult) -> ReproqTaskContext | None:
+    def _context(self, task: Task, job: Job,
+                 result: ReproqTaskResult | None) -> ReproqTaskContext | None:
         if not task.takes_context:
             return None
+        assert result is not None  # built whenever the task takes a context
         return ReproqTaskContext(task_result=result, metadata=dict(job.row["metadata"] or {}),
                                  _saver=MetadataSaver(self.runtime, job.id),
                                  _cancel_flag=job.cancel_flag)
 
     def _success(self, job: Job, value: Any, context: ReproqTaskContext | None) -> Completion:
+        if value is None:
+            return Completion(id=job.id, status="SUCCESSFUL", return_value="null")
         try:
             text = payload.dumps(payload.encode(value, "return value"))
         except payload.PayloadError as exc:
@@ -374,10 +434,12 @@ class Executor:
         return completion
 
     def _final(self, task: Task, job: Job, args: list[Any], kwargs: dict[str, Any],
-               completion: Completion) -> ReproqTaskResult:
+               completion: Completion, started: ReproqTaskResult | None = None
+               ) -> ReproqTaskResult:
         status = (TaskResultStatus.SUCCESSFUL if completion.status == "SUCCESSFUL"
                   else TaskResultStatus.FAILED)
-        result = self._result(task, job, args, kwargs, status=status, raw=completion.status)
+        result = self._result(task, job, args, kwargs, status=status, raw=completion.status,
+                              started=started)
         if completion.return_value is not None:
             object.__setattr__(result, "_return_value",
                                payload.decode(json.loads(completion.return_value), None))
@@ -386,16 +448,20 @@ class Executor:
     async def _signal(self, signal: Any, result: ReproqTaskResult) -> None:
         """Send a signal from the event loop: Django's own log receivers run inline, other sync
         receivers in a thread, async receivers awaited."""
-        sync_receivers, async_receivers = signal._live_receivers(ReproqBackend)
-        inline = [r for r in sync_receivers if getattr(r, "__module__", "") == _LOG_RECEIVER_MODULE]
-        if len(inline) == len(sync_receivers) and not async_receivers:
+        if _log_only(signal):
             _send(signal, result)
             return
         await signal.asend(sender=ReproqBackend, task_result=result)
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _has_models(row: dict[str, Any]) -> bool:
-    text = json.dumps([row["args"], row["kwargs"]])
+    args, kwargs = row["args"], row["kwargs"]
+    if not kwargs and type(args) is list and all(type(a) in _SCALARS for a in args):
+        return False  # model references are JSON objects
+    text = json.dumps([args, kwargs])
     return payload.MARK in text and '"model"' in text
 
 

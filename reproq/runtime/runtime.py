@@ -27,6 +27,7 @@ from .claimer import Claimer
 from .completer import Completer
 from .events import EventPublisher
 from .executor import Executor
+from .gate import RequestGate
 from .heartbeat import Heartbeat
 from .listener import Listener
 from .outcome import Completion, RetryPolicy
@@ -80,6 +81,9 @@ class Runtime:
         self.retry_policy = RetryPolicy(opts.retry_base_seconds, opts.retry_max_seconds,
                                         opts.retry_jitter)
         self.poll_interval = self.settings.poll_fallback_seconds
+        # requests first: claims and run starts wait while HTTP requests are in flight here
+        self.gate = RequestGate(enabled=self.settings.yield_to_requests,
+                                max_wait=self.settings.yield_max_wait_seconds)
         self.draining = False
         self.state = "created"
         self.crashes: Counter[str] = Counter()
@@ -284,4 +288,5 @@ class Runtime:
             "crashes": dict(self.crashes), "outcomes": dict(self.outcomes),
             "listening": bool(getattr(self, "listener", None) and self.listener.conn is not None),
             "leader": self.beat.status() if hasattr(self, "beat") else None,
+            "gate": self.gate.status(),
         }

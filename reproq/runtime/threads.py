@@ -4,6 +4,11 @@ anyio's and concurrent.futures' worker threads are joined at interpreter exit, s
 task would keep a stopping server alive and keep running after its run was released. reproq's
 threads are daemon threads: when the process exits, they end with it. Each call runs in a copy
 of the caller's contextvars context; results come back to the event loop thread-safely.
+
+The bookkeeping (calls outstanding, threads started) lives on the event loop thread only: a call
+counts from `submit` until its result is settled on the loop, and a new thread is started only
+while calls outstanding outnumber threads. So the hand-off takes no lock shared with the
+workers, and a call never waits behind a busy thread while the pool may still grow.
 """
 
 from __future__ import annotations
@@ -27,42 +32,34 @@ class DaemonThreadPool:
         self.name = name
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._idle = 0
-        self._lock = threading.Lock()
-
-    def _ensure_thread(self) -> None:
-        with self._lock:
-            if self._idle > 0 or len(self._threads) >= self.size:
-                return
-            thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}",
-                                      daemon=True)
-            self._threads.append(thread)
-            self._idle += 1
-        thread.start()
+        self.outstanding = 0  # calls submitted and not yet settled (event loop thread only)
 
     def _work(self) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
                 return
-            with self._lock:
-                self._idle -= 1
             fn, args, ctx, loop, future = item
             try:
                 result = ctx.run(fn, *args)
             except BaseException as exc:
-                _deliver(loop, future, None, exc)
+                _deliver(loop, future, None, exc, self._settled)
             else:
-                _deliver(loop, future, result, None)
-            finally:
-                with self._lock:
-                    self._idle += 1
+                _deliver(loop, future, result, None, self._settled)
+
+    def _settled(self) -> None:
+        self.outstanding -= 1
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Queue fn(*args) for a pool thread; the future settles on the running loop."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._ensure_thread()
+        self.outstanding += 1
+        if self.outstanding > len(self._threads) and len(self._threads) < self.size:
+            thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}",
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
         self._queue.put((fn, args, contextvars.copy_context(), loop, future))
         return future
 
@@ -77,8 +74,9 @@ class DaemonThreadPool:
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any,
-             exc: BaseException | None) -> None:
+             exc: BaseException | None, settled: Callable[[], None]) -> None:
     def settle() -> None:
+        settled()
         if future.cancelled():
             return
         if exc is not None:
