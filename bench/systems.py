@@ -156,8 +156,10 @@ class Reproq(System):
                  "warning", "--no-access-log"], env=env, cwd=REPO, stdout=log, stderr=log)]
 
     def scale(self, rows: int, ready: int, k: int, reps: int = 1) -> dict[str, Any]:
-        """Fill ``rows`` SUCCESSFUL + ``ready`` READY runs, then time reproq's CLAIM statement
-        (limit 10, as a runtime with 10 free slots issues it), committed like the runtime's."""
+        """Fill ``rows`` SUCCESSFUL + ``ready`` READY runs, then time the claim a runtime with 10
+        free slots issues first (``sql.claim_fast``: queues and limit written in; the full
+        ``CLAIM`` is its fallback while gated or locked rows are about), committed like the
+        runtime's."""
         from bench.peers._driver import claim_reps, explain, fill_from_template
         from reproq import sql
 
@@ -174,19 +176,20 @@ class Reproq(System):
         self.conn.execute("VACUUM ANALYZE reproq_task_runs")
         total = self.conn.execute("SELECT count(*) FROM reproq_task_runs").fetchone()[0]
         known = {"queues": ["default"], "limit": 10, "worker": "bench-w5", "lease": 60}
-        names = set(re.findall(r"%\((\w+)\)s", sql.CLAIM))
+        statement = sql.claim_fast(tuple(known["queues"]), known["limit"])
+        names = set(re.findall(r"%\((\w+)\)s", statement))
         missing = names - known.keys()
         if missing:
-            raise RuntimeError(f"reproq.sql.CLAIM takes parameters the bench does not know: "
+            raise RuntimeError(f"reproq's claim takes parameters the bench does not know: "
                                f"{sorted(missing)}")
         params = {k: v for k, v in known.items() if k in names}
 
         def claim() -> dict[str, Any]:
-            return explain(self.conn.execute, sql.CLAIM, params)
+            return explain(self.conn.execute, statement, params)
 
         out = claim_reps(claim, k, reps)
         out["table_rows"] = total
-        out["statement"] = "reproq.sql.CLAIM (limit 10)"
+        out["statement"] = "reproq.sql.claim_fast (limit 10), the runtime's claim"
         return out
 
     def concurrency_note(self, concurrency: int, processes: int) -> str:

@@ -6,8 +6,8 @@ finished ones as SUCCESSFUL / succeeded / successful, where the system keeps the
 moves finished jobs to its log table), then ``VACUUM ANALYZE``. Each repetition times
 ``w5_k`` claims, committed one after the other as a worker would issue them (the claimed rows
 become running; there are enough ready rows for all of them). reproq's statement is
-``reproq.sql.CLAIM`` with limit 10; procrastinate and django-tasks-db claim one job per
-statement, pgqueuer a batch of 10.
+``reproq.sql.claim_fast`` with limit 10 (the runtime's first claim); procrastinate and
+django-tasks-db claim one job per statement, pgqueuer a batch of 10.
 """
 
 from __future__ import annotations
