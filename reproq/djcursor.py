@@ -6,6 +6,11 @@ wrappers run it server-side-bound with ``prepare=True`` on the *same* connection
 joins the caller's ``transaction.atomic()`` — and keep Django's error wrapping, execute
 wrappers and query logging. Set ``OPTIONS["PREPARED_STATEMENTS"] = False`` behind a pooler that
 cannot keep prepared statements (PgBouncer < 1.22 in transaction mode).
+
+Django opens its connections with ``prepare_threshold=None``, and psycopg then ignores
+``prepare=True`` as well. `cursor` sets the threshold to a number never reached instead: Django's
+own queries are still never prepared (a client-side cursor cannot be; a server-binding one would
+need that many runs), reproq's are, on request.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from typing import Any
 import psycopg
 from django.db import connections
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
+
+# Runs of one query before psycopg prepares it by itself: never, in practice.
+NEVER_AUTOMATIC = 2**62
 
 
 class _PreparedMixin:
@@ -49,11 +57,18 @@ def cursor(alias: str, prepared: bool = True, *, binary: bool = False) -> Any:
         return connection.cursor()
     connection.validate_thread_sharing()
     connection.ensure_connection()
+    allow_prepare(connection.connection)
     raw = psycopg.Cursor(connection.connection)
     wrapper = (PreparedDebugCursorWrapper(raw, connection) if connection.queries_logged
                else PreparedCursorWrapper(raw, connection))
     wrapper.binary = binary
     return wrapper
+
+
+def allow_prepare(conn: psycopg.Connection) -> None:
+    """Let `conn` prepare the statements sent with ``prepare=True`` (and no others)."""
+    if conn.prepare_threshold is None:
+        conn.prepare_threshold = NEVER_AUTOMATIC
 
 
 def pipeline(alias: str) -> Any:

@@ -1144,3 +1144,30 @@ def test_enqueue_without_prepared_statements_behaves_the_same():
         with CaptureQueriesContext(connection) as ctx:
             tasks.add.enqueue(41, 2)
         assert len(ctx.captured_queries) == 1
+
+
+def prepared_on_django_connection() -> list[str]:
+    with connection.cursor() as cur:
+        cur.execute("SELECT statement FROM pg_prepared_statements")
+        return [row[0] for row in cur.fetchall()]
+
+
+@pytest.mark.django_db
+def test_enqueue_is_prepared_on_djangos_connection_and_djangos_queries_are_not():
+    """Django opens connections with prepare_threshold=None (psycopg then ignores prepare=True):
+    reproq's statement must still be prepared, Django's own queries must stay unprepared."""
+    for i in range(3):
+        tasks.add.enqueue(i, 1)
+    for _ in range(20):
+        TaskRun.objects.filter(queue_name="default").count()
+    statements = prepared_on_django_connection()
+    assert len([s for s in statements if "INSERT INTO reproq_task_runs" in s]) == 1
+    assert not [s for s in statements if "__count" in s]
+
+
+@pytest.mark.django_db
+def test_enqueue_without_prepared_statements_prepares_nothing():
+    with override_settings(TASKS=tasks_setting(PREPARED_STATEMENTS=False)):
+        for i in range(3):
+            tasks.add.enqueue(i, 1)
+        assert prepared_on_django_connection() == []
