@@ -56,6 +56,8 @@ REPROQ_RUNTIME = {
     "RECLAIM_SECONDS": 1,
     "POLL_FALLBACK_SECONDS": 5,
     "SHUTDOWN_GRACE_SECONDS": 3,
+    # Runtimes started inside pytest leave its heap alone; servers the tests spawn turn it on.
+    "GC_FREEZE": False,
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LOGGING = {

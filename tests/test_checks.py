@@ -190,6 +190,7 @@ def test_test_settings_are_valid():
         ({"PRIORITY_AGING_FACTOR": -1}, "PRIORITY_AGING_FACTOR", "a number >= 0"),
         ({"AUTOSTART": "yes"}, "AUTOSTART", "True or False"),
         ({"WORKER_ID": 5}, "WORKER_ID", "a string"),
+        ({"GC_FREEZE": "off"}, "GC_FREEZE", "True or False"),
     ],
     ids=repr,
 )
@@ -293,6 +294,7 @@ def test_bad_env_var_is_a_problem_naming_the_variable():
         ({"REPROQ_PRIORITY_AGING_FACTOR": "0"}, "priority_aging_factor", 0.0),
         ({"REPROQ_WORKER_ID": "web-1"}, "worker_id", "web-1"),
         ({"REPROQ_CONCURRENCY": " 4 "}, "concurrency", 4),
+        ({"REPROQ_GC_FREEZE": "0"}, "gc_freeze", False),
     ],
     ids=repr,
 )

@@ -9,6 +9,7 @@ runs and stops cleanly. See tests/servers.py for the harness.
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
@@ -50,7 +51,8 @@ def servers(tmp_path):
     ("uvicorn", 1), ("hypercorn", 1), ("gunicorn", 2), ("granian", 1), ("daphne", 1),
 ])
 def test_server_runs_the_runtime_and_tasks(servers, server, processes):
-    srv = servers.start(server, env=NOTIFY_ONLY, workers=processes)
+    srv = servers.start(server, env={**NOTIFY_ONLY, "REPROQ_GC_FREEZE": "1"},
+                        workers=processes)
 
     code, body = srv.healthz()
     assert code == 200, body
@@ -82,6 +84,10 @@ def test_server_runs_the_runtime_and_tasks(servers, server, processes):
 
     _, body = srv.healthz()
     assert body["runtime"]["crashes"] == {}, body
+    # Each process froze its startup heap for the GC once (GC_FREEZE).
+    frozen = dict(re.findall(r"runtime (\S+) started \(.*?(\d+) startup objects frozen",
+                             srv.log_tail(400)))  # by worker id (some servers log it twice)
+    assert frozen.keys() == mine and min(map(int, frozen.values())) > 10_000, frozen
 
 
 # --------------------------------------------------------------------------- SIGKILL

@@ -28,6 +28,7 @@ from .completer import Completer
 from .events import EventPublisher
 from .executor import Executor
 from .gate import RequestGate
+from .heap import freeze_startup_heap, frozen_objects
 from .heartbeat import Heartbeat
 from .listener import Listener
 from .outcome import Completion, RetryPolicy
@@ -176,11 +177,13 @@ class Runtime:
                                             self.watch_leadership)
                     services.start_soon(self._supervise, "claimer",
                                         lambda: self.claimer.run(jobs))
+                    frozen = freeze_startup_heap() if rs.gc_freeze else 0
                     self.state = "running"
                     self.started_at = time.time()
-                    logger.info("reproq: runtime %s started (queues=%s, concurrency=%d, %s)",
+                    logger.info("reproq: runtime %s started (queues=%s, concurrency=%d, %s, "
+                                "%d startup objects frozen for the GC)",
                                 self.worker_id, ",".join(self.queues), rs.concurrency,
-                                "LISTEN/NOTIFY" if rs.listen else "poll-only")
+                                "LISTEN/NOTIFY" if rs.listen else "poll-only", frozen)
                     self.events.single("worker_joined", None, data={
                         "queues": list(self.queues), "concurrency": rs.concurrency,
                         "server": self.identity.server})
@@ -289,4 +292,5 @@ class Runtime:
             "listening": bool(getattr(self, "listener", None) and self.listener.conn is not None),
             "leader": self.beat.status() if hasattr(self, "beat") else None,
             "gate": self.gate.status(),
+            "gc_frozen_objects": frozen_objects(),
         }
