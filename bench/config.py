@@ -16,13 +16,13 @@ class Sizes:
     concurrency: int = 10
     w1_count: int = 2000          # one-by-one enqueues per repetition
     w1_bulk: int = 50_000         # tasks per bulk call
-    w2_tasks: int = 5000          # backlog drained per repetition
+    w2_tasks: int = 10_000        # backlog drained per repetition
     w2_timeout: float = 300.0     # per drain, seconds
     w3_tasks: int = 200
     w3_gap_ms: float = 20.0
     w4_rate: float = 100.0        # requests per second, fixed (well below saturation)
     w4_idle_seconds: float = 10.0
-    w4_tasks: int = 5000
+    w4_tasks: int = 20_000        # a drain of several seconds: hundreds of requests during it
     w4_max_seconds: float = 180.0  # bound of the draining phase
     w5_rows: int = 1_000_000      # total rows: finished + ready
     w5_ready: int = 100_000       # of which READY
