@@ -22,7 +22,7 @@ class Sizes:
     w3_gap_ms: float = 20.0
     w4_rate: float = 100.0        # requests per second, fixed (well below saturation)
     w4_idle_seconds: float = 10.0
-    w4_tasks: int = 20_000        # a drain of several seconds: hundreds of requests during it
+    w4_tasks: int = 5000
     w4_max_seconds: float = 180.0  # bound of the draining phase
     w5_rows: int = 1_000_000      # total rows: finished + ready
     w5_ready: int = 100_000       # of which READY
