@@ -41,7 +41,15 @@ class PreparedCursorWrapper(_PreparedMixin, CursorWrapper):
 
 
 class PreparedDebugCursorWrapper(_PreparedMixin, CursorDebugWrapper):
-    pass
+    def execute(self, sql: str, params: Any = None) -> Any:
+        try:
+            return super().execute(sql, params)
+        finally:
+            # In pipeline mode the query text is not known until its reply is read, and
+            # Django 6.0 then logs None: log the statement itself instead.
+            log = self.db.queries_log
+            if log and log[-1].get("sql") is None:
+                log[-1]["sql"] = sql
 
 
 def cursor(alias: str, prepared: bool = True, *, binary: bool = False) -> Any:
