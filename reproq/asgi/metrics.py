@@ -65,6 +65,22 @@ def multiprocess_dir() -> str:
 # --------------------------------------------------------------------------- runtime hooks
 
 
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+_CHILDREN_MAX = 4096
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: the runtime records every run, and
+    prometheus-client's lookup (validation, a lock) costs more than the increment itself."""
+    key = (id(metric), labels)
+    child = _CHILDREN.get(key)
+    if child is None:
+        if len(_CHILDREN) >= _CHILDREN_MAX:
+            _CHILDREN.clear()
+        child = _CHILDREN[key] = metric.labels(*labels)
+    return child
+
+
 def record_claimed(runtime: Runtime, rows: list[dict[str, Any]]) -> None:
     """Called by the runtime with every claim's rows: queue wait of started attempts."""
     worker = runtime.worker_id
@@ -74,18 +90,18 @@ def record_claimed(runtime: Runtime, rows: list[dict[str, Any]]) -> None:
             began, due = row.get("last_attempted_at"), row.get("run_after")
             if began is not None and due is not None:
                 wait = max((began - due).total_seconds(), 0.0)
-                QUEUE_WAIT.labels(row["queue_name"], worker).observe(wait)
+                _child(QUEUE_WAIT, row["queue_name"], worker).observe(wait)
         elif status == "EXPIRED":
-            TASKS.labels(row["queue_name"], row["task_path"], "expired", worker).inc()
+            _child(TASKS, row["queue_name"], row["task_path"], "expired", worker).inc()
 
 
 def record_completion(runtime: Runtime, completion: Completion) -> None:
     """Called by the runtime for every finished attempt."""
-    outcome = OUTCOMES.get(completion.status, completion.status.lower())
+    outcome = OUTCOMES.get(completion.status) or completion.status.lower()
     worker = runtime.worker_id
-    TASKS.labels(completion.queue_name, completion.task_path, outcome, worker).inc()
+    _child(TASKS, completion.queue_name, completion.task_path, outcome, worker).inc()
     if outcome != "expired":
-        RUN_DURATION.labels(completion.queue_name, completion.task_path, worker).observe(
+        _child(RUN_DURATION, completion.queue_name, completion.task_path, worker).observe(
             max(completion.duration, 0.0))
 
 

@@ -96,7 +96,7 @@ class Claimer:
                 await executor.slot_freed.wait()
         return executor.free_slots()
 
-    async def run(self, tg: anyio.abc.TaskGroup) -> None:
+    async def run(self) -> None:
         rt = self.runtime
         executor = rt.executor
         self.exited = anyio.Event()
@@ -118,7 +118,7 @@ class Claimer:
                         await rt.release([int(r["id"]) for r in runnable])
                         return
                     if runnable:
-                        executor.submit(tg, runnable)
+                        executor.submit(runnable)
                     rt.note_claimed(rows)
                     full = len(rows) == free
                     if full and ran < free:

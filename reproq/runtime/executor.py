@@ -1,11 +1,15 @@
 """Runs claimed rows: async tasks on the event loop, sync tasks in threads or child processes.
 
-Each attempt ends as a `Completion` handed to the completer (batched writes). Timeouts: an async
-task is cancelled at its deadline. A sync task in a thread cannot be stopped: at the deadline its
-context reports `cancel_requested` (a cooperative task can return), and the run stays RUNNING —
-its lease renewed, its slot held — until the thread returns; then the attempt is recorded as
-timed out. So a stuck thread never runs alongside a retry of itself. A sync task on a queue
-listed in PROCESS_QUEUES runs in a child process that is killed at the deadline and replaced.
+Each attempt is one asyncio task (the loop's ``create_task``: an anyio task group and cancel
+scope per run cost several times the run of a no-op task) and ends as a `Completion` handed to
+the completer (batched writes). The runtime cancels whatever still runs at the end of its
+shutdown grace period (`cancel_all`). Timeouts: an async task is cancelled at its deadline
+(``asyncio.timeout``); a user cancel or a lost lease cancels it at once. A sync task in a
+thread cannot be stopped: at the deadline its context reports `cancel_requested` (a cooperative
+task can return), and the run stays RUNNING — its lease renewed, its slot held — until the
+thread returns; then the attempt is recorded as timed out. So a stuck thread never runs
+alongside a retry of itself. A sync task on a queue listed in PROCESS_QUEUES runs in a child
+process that is killed at the deadline and replaced.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 logger = logging.getLogger("reproq.runtime")
+CANCEL_WAIT_SECONDS = 5.0  # shutdown: longest wait for cancelled runs to stop
 
 
 class TaskTimeout(TimeoutError):
@@ -52,7 +57,8 @@ class Job:
 
     row: dict[str, Any]
     cancel_flag: threading.Event = field(default_factory=threading.Event)
-    scope: anyio.CancelScope | None = None
+    task: asyncio.Task[None] | None = None
+    awaiting: bool = False  # an async task's coroutine is being awaited (it can be cancelled)
     lost: bool = False  # lease lost (reclaimed elsewhere): result must not be written
     cancel_requested: bool = False  # a user asked to cancel this run
     timed_out: bool = False
@@ -179,6 +185,7 @@ class Executor:
         self.running: dict[int, Job] = {}
         self.early_cancels: dict[int, float] = {}  # cancels heard before their job started
         self._slot_freed: anyio.Event | None = None
+        self.stopping = False  # `cancel_all` began: a cancellation means shutdown
 
     @property
     def slot_freed(self) -> anyio.Event:
@@ -190,7 +197,8 @@ class Executor:
     def free_slots(self) -> int:
         return max(self.concurrency - len(self.running), 0)
 
-    def submit(self, tg: anyio.abc.TaskGroup, rows: list[dict[str, Any]]) -> None:
+    def submit(self, rows: list[dict[str, Any]]) -> None:
+        loop = asyncio.get_running_loop()
         for row in rows:
             job = Job(row=row)
             noted = self.early_cancels.pop(job.id, None)
@@ -199,7 +207,19 @@ class Executor:
                 job.cancel_requested = True
                 job.cancel_flag.set()
             self.running[job.id] = job
-            tg.start_soon(self._run, job, name=f"reproq-run-{job.id}")
+            job.task = loop.create_task(self._run(job), name=f"reproq-run-{job.id}")
+
+    async def cancel_all(self) -> None:
+        """Shutdown: cancel every run still going here and wait for them to stop (their rows
+        are put back by the runtime; no result is recorded)."""
+        self.stopping = True
+        tasks = [job.task for job in self.running.values()
+                 if job.task is not None and not job.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # bounded: a task that swallows its cancellation must not hold shutdown forever
+            await asyncio.wait(tasks, timeout=CANCEL_WAIT_SECONDS)
 
     def _release_slot(self, job: Job) -> None:
         self.running.pop(job.id, None)
@@ -222,8 +242,8 @@ class Executor:
         job.lost = job.lost or lost
         job.cancel_requested = job.cancel_requested or not lost
         job.cancel_flag.set()
-        if job.scope is not None:
-            job.scope.cancel()
+        if job.awaiting and job.task is not None:
+            job.task.cancel()  # `_attempt_async` records it as cancelled
         procs = self.runtime.processes
         if procs is not None:
             procs.kill_run(run_id)
@@ -306,46 +326,55 @@ class Executor:
             await self._signal(task_started, result)
         call_args = [context, *args] if context is not None else args
         try:
-            # One scope for both ends: its deadline (timeout) and `cancel` (cancel_flag set).
-            with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
-                job.scope = scope
-                if job.cancel_flag.is_set():
-                    scope.cancel()
-                value = await task.func(*call_args, **kwargs)
-            if scope.cancelled_caught:
-                if job.cancel_flag.is_set():
-                    raise TaskCancelled("cancelled while running")
-                raise TimeoutError
+            value = await self._await_task(job, task, call_args, kwargs, timeout)
             completion = self._success(job, value, context)
-        except TimeoutError as exc:
-            error = TaskTimeout(f"async task exceeded its timeout of {timeout:g}s and was "
-                                "cancelled")
-            error.__cause__ = exc
-            completion = self._fail(job, error)
+        except TaskTimeout as exc:
+            completion = self._fail(job, exc)
         except TaskCancelled as exc:
             completion = self._cancelled(job, exc)
         except Exception as exc:
             completion = (self._cancelled(job, exc) if job.cancel_requested
                           else self._fail(job, exc))
-            if (completion.status in {"FAILED", "CANCELLED"}
-                    and not _silent(task_finished, _finish_level(completion))):
-                await self._signal(task_finished, self._final(task, job, args, kwargs, completion,
-                                                              result))
-            return self._with_metadata(completion, context)
-        finally:
-            job.scope = None
         if (completion.status in {"SUCCESSFUL", "FAILED", "CANCELLED"}
                 and not _silent(task_finished, _finish_level(completion))):
             await self._signal(task_finished, self._final(task, job, args, kwargs, completion,
                                                           result))
         return self._with_metadata(completion, context)
 
+    async def _await_task(self, job: Job, task: Task, call_args: list[Any],
+                          kwargs: dict[str, Any], timeout: float) -> Any:
+        """The task's coroutine, to its deadline (`TaskTimeout`) or a cancel (`TaskCancelled`:
+        `cancel` cancels this asyncio task while `job.awaiting`)."""
+        if job.cancel_flag.is_set():
+            raise TaskCancelled("cancelled before it started")
+        job.awaiting = True
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                return await task.func(*call_args, **kwargs)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not job.cancel_flag.is_set() or self.stopping or current is None:
+                raise  # shutdown (`cancel_all`) or a cancellation from outside
+            current.uncancel()
+            raise TaskCancelled("cancelled while running") from None
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise  # the task's own TimeoutError: an ordinary failure
+            raise TaskTimeout(f"async task exceeded its timeout of {timeout:g}s and was "
+                              "cancelled") from exc
+        finally:
+            job.awaiting = False
+
     async def _attempt_thread(self, job: Job, task: Task, timeout: float) -> Completion:
         job.in_thread = True
         future = self.threads.submit(self._run_sync, job, task)
         try:
-            with anyio.move_on_after(timeout):
-                return await asyncio.shield(future)
+            try:
+                async with asyncio.timeout(timeout) as deadline:
+                    return await asyncio.shield(future)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
             # Deadline passed: ask the task to stop (context.cancel_requested) and keep the run
             # RUNNING until its thread returns, so it never overlaps a retry of itself.
             job.timed_out = True

@@ -39,11 +39,17 @@ from .registry import WorkerIdentity, detect_server, make_worker_id
 logger = logging.getLogger("reproq.runtime")
 
 
+_METRICS: Any = None
+
+
 def _metrics() -> Any:
     """reproq.asgi.metrics, imported on first use (it imports prometheus_client)."""
-    from ..asgi import metrics
+    global _METRICS
+    if _METRICS is None:
+        from ..asgi import metrics
 
-    return metrics
+        _METRICS = metrics
+    return _METRICS
 # Runs whose sync thread is still busy at shutdown come back this long after release: the
 # process (and its daemon threads) is gone by then, so the run never executes twice at once.
 THREAD_EXIT_MARGIN_SECONDS = 5.0
@@ -163,40 +169,39 @@ class Runtime:
                 await self.processes.start()
             async with anyio.create_task_group() as services:
                 self._services = services
-                async with anyio.create_task_group() as jobs:
-                    services.start_soon(self._supervise, "heartbeat", self.heartbeat.run)
-                    services.start_soon(self._supervise, "completer", self.completer.run)
-                    services.start_soon(self._supervise, "reclaim", self.reclaimer.run)
-                    services.start_soon(self._supervise, "promoter", self.promoter.run)
-                    services.start_soon(self._supervise, "events", self.events.run)
-                    if rs.listen:
-                        services.start_soon(self._supervise, "listener", self.listener.run)
-                    if rs.beat:
-                        services.start_soon(self._supervise, "beat", self.beat.run)
-                        services.start_soon(self._supervise, "leadership",
-                                            self.watch_leadership)
-                    services.start_soon(self._supervise, "claimer",
-                                        lambda: self.claimer.run(jobs))
-                    frozen = freeze_startup_heap() if rs.gc_freeze else 0
-                    self.state = "running"
-                    self.started_at = time.time()
-                    logger.info("reproq: runtime %s started (queues=%s, concurrency=%d, %s, "
-                                "%d startup objects frozen for the GC)",
-                                self.worker_id, ",".join(self.queues), rs.concurrency,
-                                "LISTEN/NOTIFY" if rs.listen else "poll-only", frozen)
-                    self.events.single("worker_joined", None, data={
-                        "queues": list(self.queues), "concurrency": rs.concurrency,
-                        "server": self.identity.server})
-                    task_status.started()
-                    await self._stop.wait()
-                    leftover = await self._drain()
-                    jobs.cancel_scope.cancel()
+                services.start_soon(self._supervise, "heartbeat", self.heartbeat.run)
+                services.start_soon(self._supervise, "completer", self.completer.run)
+                services.start_soon(self._supervise, "reclaim", self.reclaimer.run)
+                services.start_soon(self._supervise, "promoter", self.promoter.run)
+                services.start_soon(self._supervise, "events", self.events.run)
+                if rs.listen:
+                    services.start_soon(self._supervise, "listener", self.listener.run)
+                if rs.beat:
+                    services.start_soon(self._supervise, "beat", self.beat.run)
+                    services.start_soon(self._supervise, "leadership",
+                                        self.watch_leadership)
+                services.start_soon(self._supervise, "claimer", self.claimer.run)
+                frozen = freeze_startup_heap() if rs.gc_freeze else 0
+                self.state = "running"
+                self.started_at = time.time()
+                logger.info("reproq: runtime %s started (queues=%s, concurrency=%d, %s, "
+                            "%d startup objects frozen for the GC)",
+                            self.worker_id, ",".join(self.queues), rs.concurrency,
+                            "LISTEN/NOTIFY" if rs.listen else "poll-only", frozen)
+                self.events.single("worker_joined", None, data={
+                    "queues": list(self.queues), "concurrency": rs.concurrency,
+                    "server": self.identity.server})
+                task_status.started()
+                await self._stop.wait()
+                leftover = await self._drain()
+                await self.executor.cancel_all()
                 await self._finish(leftover)
                 services.cancel_scope.cancel()
         finally:
             self.state = "stopped"
             with anyio.CancelScope(shield=True):
                 if hasattr(self, "executor"):
+                    await self.executor.cancel_all()  # when cancelled from outside
                     self.executor.threads.close()
                 if self.processes is not None:
                     await self.processes.close()
