@@ -87,3 +87,31 @@ def test_thread_pool_grows_instead_of_queueing_behind_a_busy_thread():
     assert quick == 42
     assert during == 1 and after == 0
     assert threads == 2
+
+
+def test_thread_pool_settles_every_result_and_error_delivered_together():
+    pool = DaemonThreadPool(4)
+    gate = threading.Barrier(4)
+
+    def call(i):
+        if i < 4:
+            gate.wait(10)  # four threads finish at the same moment
+        if i % 5 == 0:
+            raise ValueError(i)
+        return i * 2
+
+    async def main():
+        results = await asyncio.gather(*(pool.run(call, i) for i in range(40)),
+                                       return_exceptions=True)
+        return results, pool.outstanding
+
+    try:
+        results, outstanding = asyncio.run(main())
+    finally:
+        pool.close()
+    assert outstanding == 0
+    for i, r in enumerate(results):
+        if i % 5 == 0:
+            assert isinstance(r, ValueError) and r.args == (i,)
+        else:
+            assert r == i * 2

@@ -3,7 +3,10 @@
 anyio's and concurrent.futures' worker threads are joined at interpreter exit, so one stuck sync
 task would keep a stopping server alive and keep running after its run was released. reproq's
 threads are daemon threads: when the process exits, they end with it. Each call runs in a copy
-of the caller's contextvars context; results come back to the event loop thread-safely.
+of the caller's contextvars context; results come back to the event loop thread-safely, several
+per wake-up: a finished call is appended to `_finished`, and only the first one since the loop
+last looked schedules `_settle_finished` (``call_soon_threadsafe`` writes to the loop's wake-up
+pipe, a system call per result otherwise).
 
 The bookkeeping (calls outstanding, threads started) lives on the event loop thread only: a call
 counts from `submit` until its result is settled on the loop, and a new thread is started only
@@ -14,6 +17,7 @@ workers, and a call never waits behind a busy thread while the pool may still gr
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import queue
@@ -33,6 +37,9 @@ class DaemonThreadPool:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self.outstanding = 0  # calls submitted and not yet settled (event loop thread only)
+        self._finished: collections.deque[tuple[asyncio.Future[Any], Any,
+                                                BaseException | None]] = collections.deque()
+        self._settle_scheduled = False
 
     def _work(self) -> None:
         while True:
@@ -43,12 +50,33 @@ class DaemonThreadPool:
             try:
                 result = ctx.run(fn, *args)
             except BaseException as exc:
-                _deliver(loop, future, None, exc, self._settled)
+                self._deliver(loop, future, None, exc)
             else:
-                _deliver(loop, future, result, None, self._settled)
+                self._deliver(loop, future, result, None)
 
-    def _settled(self) -> None:
-        self.outstanding -= 1
+    def _deliver(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any],
+                 result: Any, exc: BaseException | None) -> None:
+        """Worker thread: hand a result to the loop (appending is atomic; the flag is cleared
+        by the loop *before* it drains, so a result is never left behind)."""
+        self._finished.append((future, result, exc))
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            with contextlib.suppress(RuntimeError):  # loop closed: the process is exiting
+                loop.call_soon_threadsafe(self._settle_finished)
+
+    def _settle_finished(self) -> None:
+        """Event loop thread: settle every result delivered so far."""
+        self._settle_scheduled = False
+        finished = self._finished
+        while finished:
+            future, result, exc = finished.popleft()
+            self.outstanding -= 1
+            if future.cancelled():
+                continue
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Queue fn(*args) for a pool thread; the future settles on the running loop."""
@@ -72,17 +100,3 @@ class DaemonThreadPool:
         for _ in self._threads:
             self._queue.put(_STOP)
 
-
-def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any,
-             exc: BaseException | None, settled: Callable[[], None]) -> None:
-    def settle() -> None:
-        settled()
-        if future.cancelled():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    with contextlib.suppress(RuntimeError):  # loop closed: the process is shutting down
-        loop.call_soon_threadsafe(settle)
