@@ -138,6 +138,16 @@ _SEMS_OF_EXPIRED = ("SELECT r.sem_key FROM reproq_task_runs r JOIN expired e ON 
 _SEMS_OF_IDS = ("SELECT sem_key FROM reproq_task_runs WHERE id = ANY(%(ids)s::bigint[])"
                 " AND sem_key IS NOT NULL AND status = 'RUNNING'")
 
+# Statements that update several RUNNING runs of one worker by id (COMPLETE, HEARTBEAT,
+# RELEASE) run concurrently on the worker's connections: each locks its rows in id order
+# first, whatever order the batch or the plan would take, so that they cannot deadlock.
+_LOCK_OWN_RUNS = """
+    SELECT r.id FROM reproq_task_runs r
+    WHERE r.id = ANY(%(ids)s::bigint[]) AND r.status = 'RUNNING' AND r.lease_owner = %(worker)s
+    ORDER BY r.id
+    FOR UPDATE
+"""
+
 _NOTIFY_READY_QUEUES = f"""
     SELECT count(pg_notify('{CHANNEL}', 'r:' || q)) AS n
     FROM (SELECT DISTINCT queue_name AS q FROM {{source}} WHERE status = 'READY') d
@@ -382,6 +392,8 @@ WITH input AS (
         %(ids)s::bigint[], %(status)s::text[], %(return_value)s::text[], %(error)s::text[],
         %(delay)s::float8[], %(reason)s::text[], %(metadata)s::text[]
     ) AS u(id, status, return_value, error, delay, reason, metadata)
+), own AS MATERIALIZED (
+    {_LOCK_OWN_RUNS}
 ), sem_locks AS MATERIALIZED (
     {_LOCK_SEMAPHORES.format(keys=_SEMS_OF_INPUT)}
 ), done AS (
@@ -407,7 +419,8 @@ WITH input AS (
         lease_owner = NULL,
         leased_until = NULL
     FROM input u
-    WHERE t.id = u.id AND t.status = 'RUNNING' AND t.lease_owner = %(worker)s
+    WHERE t.id = u.id AND t.id IN (SELECT id FROM own)
+      AND t.status = 'RUNNING' AND t.lease_owner = %(worker)s
     RETURNING t.id, t.status, t.queue_name, t.run_after
 ), notified AS (
     SELECT count(pg_notify('{CHANNEL}', payload)) AS n FROM (
@@ -425,10 +438,12 @@ FROM done
 # Renew the leases of every run this worker holds, refresh the worker row, and report which
 # runs are still ours and which were asked to cancel: one statement per heartbeat (a
 # data-modifying CTE always runs, so the worker upsert happens even when no run is held).
-HEARTBEAT = """
-WITH renewed AS (
+HEARTBEAT = f"""
+WITH own AS MATERIALIZED (
+    {_LOCK_OWN_RUNS}
+), renewed AS (
     UPDATE reproq_task_runs SET leased_until = now() + make_interval(secs => %(lease)s)
-    WHERE id = ANY(%(ids)s::bigint[]) AND status = 'RUNNING' AND lease_owner = %(worker)s
+    WHERE id IN (SELECT id FROM own) AND status = 'RUNNING' AND lease_owner = %(worker)s
     RETURNING id, cancel_requested
 ), me AS (
     INSERT INTO reproq_workers (id, hostname, pid, queues, concurrency, server, version,
@@ -489,7 +504,9 @@ SELECT (SELECT count(*) FROM back WHERE status = 'READY') AS requeued,
 # whose sync thread is still busy come back only after %(delay)s seconds (WAITING), by which time
 # this process — and its daemon threads — have exited, so they never run twice at once.
 RELEASE = f"""
-WITH sem_locks AS MATERIALIZED (
+WITH own AS MATERIALIZED (
+    {_LOCK_OWN_RUNS}
+), sem_locks AS MATERIALIZED (
     {_LOCK_SEMAPHORES.format(keys=_SEMS_OF_IDS)}
 ), back AS (
     UPDATE reproq_task_runs SET
@@ -507,7 +524,7 @@ WITH sem_locks AS MATERIALIZED (
         leased_until = NULL,
         status_reason = CASE WHEN cancel_requested THEN 'cancelled while running'
                              ELSE 'released at shutdown' END
-    WHERE id = ANY(%(ids)s::bigint[]) AND status = 'RUNNING' AND lease_owner = %(worker)s
+    WHERE id IN (SELECT id FROM own) AND status = 'RUNNING' AND lease_owner = %(worker)s
     RETURNING id, status, queue_name, run_after
 ), notified AS (
     SELECT count(pg_notify('{CHANNEL}', payload)) AS n FROM (

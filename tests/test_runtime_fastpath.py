@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -115,3 +116,68 @@ def test_thread_pool_settles_every_result_and_error_delivered_together():
             assert isinstance(r, ValueError) and r.args == (i,)
         else:
             assert r == i * 2
+
+
+@pytest.mark.parametrize("statement", ["COMPLETE", "HEARTBEAT", "RELEASE"])
+def test_statements_on_a_workers_runs_lock_them_in_id_order(statement):
+    """COMPLETE, HEARTBEAT and RELEASE of one worker run at once on different connections: each
+    must lock its runs in id order (else two of them deadlock). Here the batch lists the higher
+    id first and a third session holds that row: the statement must already hold the lower
+    one while it waits."""
+    low, high = (int(tasks.add.enqueue(i, i).id) for i in range(2))
+    worker = "w-order"
+    params = {
+        "COMPLETE": {"ids": [high, low], "status": ["SUCCESSFUL"] * 2,
+                     "return_value": ["1", "2"], "error": None, "delay": None, "reason": None,
+                     "metadata": None, "worker": worker, "aging_us": 0},
+        "HEARTBEAT": {"ids": [high, low], "worker": worker, "lease": 60, "hostname": "h",
+                      "pid": 1, "queues": "[]", "concurrency": 1, "server": "test",
+                      "version": "0", "started_at": datetime.now(UTC)},
+        "RELEASE": {"ids": [high, low], "worker": worker, "delay": 0},
+    }[statement]
+    info = db.conninfo()
+    with psycopg.connect(info, autocommit=True) as setup:
+        setup.execute("UPDATE reproq_task_runs SET status = 'RUNNING', lease_owner = %s, "
+                      "leased_until = now() + interval '1 minute', attempts = 1 "
+                      "WHERE id = ANY(%s)", [worker, [low, high]])
+        # a new version of the lower id, with new index entries (an indexed column changes, so
+        # not a HOT update): a scan in heap order now meets the higher id first
+        setup.execute("UPDATE reproq_task_runs SET leased_until = leased_until + interval "
+                      "'1 second' WHERE id = %s", [low])
+    holder = psycopg.connect(info)
+    runner = psycopg.connect(info, autocommit=True)
+    # plans that visit the rows in heap or batch order (as on a larger table)
+    for setting in ("enable_indexscan", "enable_hashjoin", "enable_mergejoin"):
+        runner.execute(f"SET {setting} = off")
+    prober = psycopg.connect(info, autocommit=True)
+    try:
+        holder.execute("SELECT 1 FROM reproq_task_runs WHERE id = %s FOR UPDATE", [high])
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                runner.execute(getattr(sql, statement), params)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        waiting = False
+        for _ in range(200):  # until the statement waits for the held row
+            waiting = prober.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = "
+                "'Lock'", [runner.info.backend_pid]).fetchone()[0] == 1
+            if waiting:
+                break
+            threading.Event().wait(0.05)
+        assert waiting
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            prober.execute("SELECT 1 FROM reproq_task_runs WHERE id = %s FOR UPDATE NOWAIT",
+                           [low])
+        holder.rollback()
+        thread.join(10)
+        assert not thread.is_alive() and not errors
+    finally:
+        holder.close()
+        runner.close()
+        prober.close()
