@@ -180,6 +180,7 @@ class RuntimeSettings:
     sync_recurring_on_migrate: bool = True
     yield_to_requests: bool = True  # requests first: hold back new work while requests run
     yield_max_wait_seconds: float = 0.05  # ... for at most this long per wait (<= 1)
+    yield_claim_batch: int = 4  # while requests arrive: at most this many runs per claim
     gc_freeze: bool = True  # collect once at start, then gc.freeze() the startup heap
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -210,6 +211,7 @@ _RUNTIME_KINDS: dict[str, str] = {
     "sync_recurring_on_migrate": "bool",
     "yield_to_requests": "bool",
     "yield_max_wait_seconds": "posnum",
+    "yield_claim_batch": "posint",
     "gc_freeze": "bool",
 }
 

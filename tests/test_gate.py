@@ -20,7 +20,7 @@ from reproq import conf, db
 from reproq.asgi import lifespan
 from reproq.conf import explain_runtime, load_runtime_settings
 from reproq.runtime import host
-from reproq.runtime.gate import REQUESTS, RequestCounter, RequestGate
+from reproq.runtime.gate import REQUESTS, TRAFFIC_WINDOW_SECONDS, RequestCounter, RequestGate
 from tests.runtime_helpers import run_with_runtime, wait_for
 from tests.servers import free_port
 from tests.testapp import tasks
@@ -175,6 +175,23 @@ def test_streams_websockets_and_errors_stop_counting():
     assert inside == [0, 1, 0, 0, 1] and REQUESTS.inflight == 0
 
 
+def test_claims_take_small_bites_while_requests_keep_arriving():
+    counter = RequestCounter()
+    gate = RequestGate(enabled=True, max_wait=0.05, claim_batch=3, requests=counter)
+    quiet = gate.claim_limit(10)
+    token = counter.enter()
+    in_flight = gate.claim_limit(10), gate.claim_limit(2)
+    counter.leave(token)
+    just_after = gate.claim_limit(10)  # the last request started less than a second ago
+    threading.Event().wait(TRAFFIC_WINDOW_SECONDS + 0.05)
+    later = gate.claim_limit(10)
+    counter.enter()
+    off = RequestGate(enabled=False, max_wait=0.05, claim_batch=3, requests=counter)
+    assert (quiet, in_flight, just_after, later) == (10, (3, 2), 3, 10)
+    assert off.claim_limit(10) == 10 and not off.traffic()
+    assert gate.status()["capped_claims"] == 2 and gate.status()["claim_batch"] == 3
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -187,6 +204,9 @@ def test_settings_defaults_env_overrides_and_explain():
     rows = {name: (value, source) for name, value, source in explain_runtime(rs)}
     assert rows["YIELD_TO_REQUESTS"] == (False, "env REPROQ_YIELD_TO_REQUESTS")
     assert rows["YIELD_MAX_WAIT_SECONDS"] == (0.1, "env REPROQ_YIELD_MAX_WAIT_SECONDS")
+    assert load_runtime_settings(environ={})[0].yield_claim_batch == 4
+    rs, problems = load_runtime_settings(environ={"REPROQ_YIELD_CLAIM_BATCH": "2"})
+    assert not problems and rs.yield_claim_batch == 2
 
 
 @pytest.mark.parametrize(("raw", "env", "expected"), [
@@ -199,6 +219,11 @@ def test_settings_defaults_env_overrides_and_explain():
     ({}, {"REPROQ_YIELD_TO_REQUESTS": "maybe"}, "(from env REPROQ_YIELD_TO_REQUESTS): 'maybe' "
      "is not valid (write True or False"),
     ({"YIELD_TO_REQUESTS": 1}, {}, "'YIELD_TO_REQUESTS'] (from settings.REPROQ_RUNTIME): 1 is "
+     "not valid"),
+    ({"YIELD_CLAIM_BATCH": 0}, {}, "'YIELD_CLAIM_BATCH'] (from settings.REPROQ_RUNTIME): 0 is "
+     "not valid (write a whole number >= 1)"),
+    ({"YIELD_CLAIM_BATCH": 2.5}, {}, "2.5 is not valid (write a whole number >= 1)"),
+    ({}, {"REPROQ_YIELD_CLAIM_BATCH": "four"}, "(from env REPROQ_YIELD_CLAIM_BATCH): 'four' is "
      "not valid"),
 ])
 def test_bad_values_give_a_clear_error(raw, env, expected):
@@ -353,6 +378,34 @@ def test_tasks_still_run_under_continuous_requests():
     assert statuses == ["SUCCESSFUL"] * 20
     assert log == [True] * 20  # all ran while the traffic went on
     assert gate["timeouts"] >= 1  # ... because waits ended at the bound
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_backlog_is_claimed_in_small_bites_under_traffic():
+    async def body(views: Views, base: str) -> tuple[list[str], int, dict[str, Any]]:
+        rt = host.current()
+        assert rt is not None
+        stop = asyncio.Event()
+        async with httpx.AsyncClient(timeout=20) as client:
+            async def traffic() -> None:  # a request every 20 ms
+                while not stop.is_set():
+                    await client.get(base + "/")
+                    await asyncio.sleep(0.02)
+
+            load = asyncio.create_task(traffic())
+            await until(lambda: REQUESTS.total >= 2, "traffic")
+            claims = rt.claimer.claims
+            results = await sync_to_async(tasks.add.get_backend().bulk_enqueue)(
+                [(tasks.add, (i, 1), {}) for i in range(20)])
+            done = [await wait_for(r.id) for r in results]
+            stop.set()
+            await load
+        return [r.raw_status for r in done], rt.claimer.claims - claims, rt.gate.status()
+
+    statuses, claims, gate = serve(body, YIELD_CLAIM_BATCH=3, CONCURRENCY=10)
+    assert statuses == ["SUCCESSFUL"] * 20
+    assert claims >= 7  # 20 runs, at most 3 per claim (10 free slots each time otherwise)
+    assert gate["capped_claims"] >= 1 and gate["claim_batch"] == 3
 
 
 @pytest.mark.django_db(transaction=True)

@@ -8,6 +8,10 @@ several slots. When its claim passed over READY rows locked by another statement
 shortly (see `reproq.sql.CLAIM`): their lock holder may leave them READY without announcing
 them. Rows claimed while shutdown began are released.
 
+While HTTP requests keep arriving in this process, a claim takes at most YIELD_CLAIM_BATCH runs
+(`reproq.runtime.gate.RequestGate.claim_limit`); the next bite follows when a slot frees, or
+after YIELD_MAX_WAIT_SECONDS.
+
 Each claim first tries `reproq.sql.CLAIM_FAST` (no flow control; cheap to plan). When it passes
 over rows that need a token or a semaphore slot, `reproq.sql.CLAIM` claims the free slots left at
 once, and is used alone for the next FULL_CLAIM_SECONDS (flow-controlled work tends to keep
@@ -107,11 +111,13 @@ class Claimer:
                 free = executor.free_slots()
                 if 0 < free < executor.concurrency // 2 and executor.running:
                     free = await self._gather_slots()
-                full = False
+                full = capped = False
                 ran = 0
                 if free > 0:
                     await rt.gate.wait()  # requests first (reproq.runtime.gate)
-                    rows = await self.claim_once(free)
+                    want = rt.gate.claim_limit(free)  # smaller bites while requests arrive
+                    capped = want < free
+                    rows = await self.claim_once(want)
                     runnable = [r for r in rows if r["status"] == "RUNNING"]
                     ran = len(runnable)
                     if self.stopping:
@@ -120,11 +126,13 @@ class Claimer:
                     if runnable:
                         executor.submit(runnable)
                     rt.note_claimed(rows)
-                    full = len(rows) == free
-                    if full and ran < free:
+                    full = len(rows) == want
+                    if full and ran < want:
                         continue  # parked blocked/rate-limited rows: look further at once
                 self.waiting_for_slot = full or free == 0
                 timeout = rt.poll_interval
+                if full and capped:
+                    timeout = min(timeout, rt.gate.max_wait)  # the next bite, if no slot frees
                 if free > 0 and not full and self.skipped_locked:
                     # Rows we could not lock may never be announced again: look again soon
                     # (backing off while the same locks persist).

@@ -17,6 +17,12 @@ This module owns two things:
   than the bound stop counting (a slow or long-polling view does not throttle the runtime for
   its whole life).
 
+While requests keep arriving (one started within TRAFFIC_WINDOW_SECONDS), `claim_limit` also
+caps each claim at ``YIELD_CLAIM_BATCH`` runs, and the claimer takes the next bite when a slot
+frees or after ``YIELD_MAX_WAIT_SECONDS``: the event loop then runs a few tasks at a time between
+requests instead of a whole batch, and a backlog is drained at a pace that leaves the cores
+some room. Long-running tasks still reach full concurrency, a bite at a time.
+
 Running tasks, result writes, heartbeats and the listener are never held back: only the start
 of new work is. Setting ``YIELD_TO_REQUESTS`` to False turns the gate off (wait() returns at
 once, the count is still kept).
@@ -30,6 +36,8 @@ import time
 
 import anyio
 
+TRAFFIC_WINDOW_SECONDS = 1.0  # requests this recent make claims smaller (`claim_limit`)
+
 
 class RequestCounter:
     """HTTP requests in flight in this process, by start time (insertion order = start order).
@@ -41,6 +49,7 @@ class RequestCounter:
         self._ids = itertools.count()
         self._waiters: list[asyncio.Future[None]] = []
         self.total = 0  # requests entered since the process started
+        self.last_started = float("-inf")  # monotonic time of the latest `enter`
 
     @property
     def inflight(self) -> int:
@@ -49,7 +58,7 @@ class RequestCounter:
     def enter(self) -> int:
         """Count a request as in flight; return its token for `leave`."""
         token = next(self._ids)
-        self._started[token] = time.monotonic()
+        self._started[token] = self.last_started = time.monotonic()
         self.total += 1
         return token
 
@@ -93,11 +102,13 @@ class RequestGate:
     """The runtime's "requests first" gate: hold back the start of new work while HTTP requests
     are in flight, at most `max_wait` seconds per wait."""
 
-    def __init__(self, *, enabled: bool, max_wait: float,
+    def __init__(self, *, enabled: bool, max_wait: float, claim_batch: int = 4,
                  requests: RequestCounter = REQUESTS) -> None:
         self.enabled = enabled
         self.max_wait = max_wait
+        self.claim_batch = claim_batch
         self.requests = requests
+        self.capped = 0  # claims made smaller by `claim_limit`
         self.waits = 0  # waits that found a request in flight
         self.timeouts = 0  # of which ended at max_wait with requests still in flight
         self.waited_seconds = 0.0
@@ -111,6 +122,24 @@ class RequestGate:
         if newest is None:
             return False
         return (time.monotonic() if now is None else now) - newest < self.max_wait
+
+    def traffic(self, now: float | None = None) -> bool:
+        """True while requests keep arriving: one in flight or one started within
+        TRAFFIC_WINDOW_SECONDS (and the gate is on)."""
+        if not self.enabled:
+            return False
+        if self.requests.inflight:
+            return True
+        now = time.monotonic() if now is None else now
+        return now - self.requests.last_started < TRAFFIC_WINDOW_SECONDS
+
+    def claim_limit(self, free: int) -> int:
+        """How many of `free` slots the next claim may fill: all of them, or at most
+        ``YIELD_CLAIM_BATCH`` while requests keep arriving."""
+        if free > self.claim_batch and self.traffic():
+            self.capped += 1
+            return self.claim_batch
+        return free
 
     async def wait(self) -> None:
         """Return once no request younger than `max_wait` is in flight, or after `max_wait`."""
@@ -142,5 +171,6 @@ class RequestGate:
 
     def status(self) -> dict[str, float | int | bool]:
         return {"enabled": self.enabled, "max_wait_seconds": self.max_wait,
+                "claim_batch": self.claim_batch, "capped_claims": self.capped,
                 "inflight": self.requests.inflight, "waits": self.waits,
                 "timeouts": self.timeouts, "waited_seconds": round(self.waited_seconds, 3)}

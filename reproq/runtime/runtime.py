@@ -90,7 +90,8 @@ class Runtime:
         self.poll_interval = self.settings.poll_fallback_seconds
         # requests first: claims and run starts wait while HTTP requests are in flight here
         self.gate = RequestGate(enabled=self.settings.yield_to_requests,
-                                max_wait=self.settings.yield_max_wait_seconds)
+                                max_wait=self.settings.yield_max_wait_seconds,
+                                claim_batch=self.settings.yield_claim_batch)
         self.draining = False
         self.state = "created"
         self.crashes: Counter[str] = Counter()
