@@ -223,6 +223,44 @@ def test_enqueue_is_exactly_one_statement():
     assert len(ctx.captured_queries) == 1
 
 
+def _persistence(cursor, relation):
+    cursor.execute("SELECT relpersistence FROM pg_class WHERE oid = %s::regclass", [relation])
+    return cursor.fetchone()[0]
+
+
+@pytest.mark.django_db
+def test_dashboard_events_skip_the_wal_but_their_ids_survive_a_crash():
+    """reproq_events is UNLOGGED (an enqueue writes a row to it); its id sequence is logged, so
+    event ids keep growing after crash recovery empties the table."""
+    with connection.cursor() as cur:
+        assert _persistence(cur, "reproq_events") == "u"
+        cur.execute("SELECT pg_get_serial_sequence('reproq_events', 'id')")
+        assert _persistence(cur, cur.fetchone()[0]) == "p"
+        assert _persistence(cur, "reproq_task_runs") == "p"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_enqueue_names_the_run_id_sequence_and_the_migration_restores_its_name():
+    """ENQUEUE draws ids from reproq_task_runs_id_seq by name; a database whose sequence was
+    renamed by hand gets the name back from migration 0004, and enqueue works again."""
+    import importlib
+
+    fast_path = importlib.import_module("reproq.migrations.0004_enqueue_fast_path")
+    with connection.cursor() as cur:
+        cur.execute("ALTER SEQUENCE reproq_task_runs_id_seq RENAME TO reproq_renamed_by_hand")
+    try:
+        with pytest.raises(Exception, match="reproq_task_runs_id_seq"):
+            tasks.add.enqueue(1, 2)
+        assert row_count() == 0
+    finally:
+        with connection.cursor() as cur:
+            cur.execute(fast_path.FORWARD)
+            cur.execute("SELECT pg_get_serial_sequence('reproq_task_runs', 'id')")
+            assert cur.fetchone()[0].endswith(".reproq_task_runs_id_seq")
+    result = tasks.add.enqueue(1, 2)
+    assert TaskRun.objects.get(pk=int(result.id)).status == "READY"
+
+
 @pytest.mark.django_db(transaction=True)
 def test_enqueue_inside_atomic_is_one_statement():
     with transaction.atomic(), CaptureQueriesContext(connection) as ctx:

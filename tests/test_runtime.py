@@ -36,6 +36,29 @@ def test_sync_async_and_context_tasks_run_and_store_results():
     assert all(r.started_at and r.finished_at and r.last_attempted_at for r in done)
 
 
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_running_task_sees_the_same_result_fields_as_get_result(mode):
+    """The claim sends timestamps and JSON raw (decoded only when a TaskResult is built): what
+    a task sees through its context equals what get_result reads from the row."""
+    queue = "reports" if mode == "process" else "default"
+    r = tasks.reports_its_result.using(queue_name=queue).enqueue()
+    TaskRun.objects.filter(pk=int(r.id)).update(metadata={"pre": [1, "two"]})
+
+    async def body(rt):
+        return await wait_for(r.id, timeout=60)
+
+    overrides = {"process_queues": ["reports"], "process_workers": 1} if mode == "process" else {}
+    done = run_with_runtime(body, **overrides)
+    assert done.raw_status == "SUCCESSFUL", done.errors
+    seen = done.metadata["seen"]
+    assert seen == {
+        "enqueued_at": done.enqueued_at.isoformat(), "started_at": done.started_at.isoformat(),
+        "last_attempted_at": done.last_attempted_at.isoformat(), "worker_ids": done.worker_ids,
+        "pre": [1, "two"], "aware": True,
+    }
+    assert len(done.worker_ids) == 1
+
+
 def test_signals_fire_for_started_and_finished():
     seen: list[tuple[str, str]] = []
 

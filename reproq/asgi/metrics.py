@@ -87,9 +87,8 @@ def record_claimed(runtime: Runtime, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         status = row.get("status")
         if status == "RUNNING":
-            began, due = row.get("last_attempted_at"), row.get("run_after")
-            if began is not None and due is not None:
-                wait = max((began - due).total_seconds(), 0.0)
+            wait = row.get("queue_wait")  # computed by the claim (reproq.sql._CLAIM_RETURNING)
+            if wait is not None:
                 _child(QUEUE_WAIT, row["queue_name"], worker).observe(wait)
         elif status == "EXPIRED":
             _child(TASKS, row["queue_name"], row["task_path"], "expired", worker).inc()

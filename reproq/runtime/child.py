@@ -36,6 +36,7 @@ def run_one(request: dict[str, Any]) -> dict[str, Any]:
     from .. import payload
     from ..backend import ReproqBackend
     from ..results import ReproqTaskContext, ReproqTaskResult, copy_task_unvalidated
+    from .claimer import run_details
     from .executor import MetadataSaverSync, decode_call, resolve_task
 
     row = request["row"]
@@ -49,15 +50,17 @@ def run_one(request: dict[str, Any]) -> dict[str, Any]:
             return _error(exc, retryable=not _non_retryable(exc))
         task = copy_task_unvalidated(task, priority=row["priority"],
                                      queue_name=row["queue_name"], backend=request["backend"])
+        details = run_details(row)
         result = ReproqTaskResult(
             task=task, id=str(row["id"]), status=TaskResultStatus.RUNNING,
-            enqueued_at=row["enqueued_at"], started_at=row["started_at"], finished_at=None,
-            last_attempted_at=row["last_attempted_at"], args=args, kwargs=kwargs,
-            backend=request["backend"], errors=[], worker_ids=list(row["worker_ids"]),
-            raw_status="RUNNING", metadata=dict(row["metadata"] or {}),
+            enqueued_at=details["enqueued_at"], started_at=details["started_at"],
+            finished_at=None, last_attempted_at=details["last_attempted_at"], args=args,
+            kwargs=kwargs, backend=request["backend"], errors=[],
+            worker_ids=list(details["worker_ids"]), raw_status="RUNNING",
+            metadata=dict(details["metadata"]),
         )
         if task.takes_context:
-            context = ReproqTaskContext(task_result=result, metadata=dict(row["metadata"] or {}),
+            context = ReproqTaskContext(task_result=result, metadata=dict(details["metadata"]),
                                         _saver=MetadataSaverSync(request["database"], row["id"]))
         task_started.send(sender=ReproqBackend, task_result=result)
         call_args = [context, *args] if context is not None else args

@@ -20,8 +20,10 @@ coming), then the fast claim is tried again.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -39,6 +41,30 @@ COALESCE_SECONDS = 0.002  # longest wait for more slots to free before a small c
 
 # Either claim statement counts as a CLAIM in `reproq.db.statement_counts`.
 sql._NAMES[id(sql.CLAIM_FAST)] = "CLAIM"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _from_us(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + timedelta(microseconds=value)
+
+
+def run_details(row: dict[str, Any]) -> dict[str, Any]:
+    """What a TaskResult of a claimed row needs beyond running it: ``enqueued_at``,
+    ``started_at``, ``last_attempted_at`` (aware datetimes, UTC), ``worker_ids`` (list) and
+    ``metadata`` (dict). A claim returns them raw (see `reproq.sql._CLAIM_RETURNING`); they are
+    decoded once, on first use, and kept in the row."""
+    details = row.get("_details")
+    if details is None:
+        details = row["_details"] = {
+            "enqueued_at": _from_us(row["enqueued_at_us"]),
+            "started_at": _from_us(row["started_at_us"]),
+            "last_attempted_at": _from_us(row["last_attempted_at_us"]),
+            "worker_ids": json.loads(row["worker_ids_json"] or "[]"),
+            "metadata": json.loads(row["metadata_json"] or "{}") or {},
+        }
+    return details
 
 
 class Claimer:

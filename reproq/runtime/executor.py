@@ -33,6 +33,7 @@ from django.utils.module_loading import import_string
 from .. import payload
 from ..backend import ReproqBackend
 from ..results import ReproqTaskContext, ReproqTaskResult, copy_task_unvalidated
+from .claimer import run_details
 from .outcome import Completion, NonRetryable, failure
 from .threads import DaemonThreadPool
 
@@ -279,15 +280,17 @@ class Executor:
                 raw: str = "RUNNING", started: ReproqTaskResult | None = None
                 ) -> ReproqTaskResult:
         row = job.row
+        details = run_details(row)
         task = started.task if started is not None else copy_task_unvalidated(
             task, priority=row["priority"], queue_name=row["queue_name"],
             backend=self.runtime.backend.alias)
         return ReproqTaskResult(
-            task=task, id=str(row["id"]), status=status, enqueued_at=row["enqueued_at"],
-            started_at=row["started_at"], finished_at=None,
-            last_attempted_at=row["last_attempted_at"], args=args, kwargs=kwargs,
-            backend=self.runtime.backend.alias, errors=[], worker_ids=list(row["worker_ids"]),
-            raw_status=raw, metadata=dict(row["metadata"] or {}),
+            task=task, id=str(row["id"]), status=status, enqueued_at=details["enqueued_at"],
+            started_at=details["started_at"], finished_at=None,
+            last_attempted_at=details["last_attempted_at"], args=args, kwargs=kwargs,
+            backend=self.runtime.backend.alias, errors=[],
+            worker_ids=list(details["worker_ids"]), raw_status=raw,
+            metadata=dict(details["metadata"]),
         )
 
     async def _attempt(self, job: Job) -> Completion:
@@ -434,7 +437,8 @@ class Executor:
         if not task.takes_context:
             return None
         assert result is not None  # built whenever the task takes a context
-        return ReproqTaskContext(task_result=result, metadata=dict(job.row["metadata"] or {}),
+        metadata = dict(run_details(job.row)["metadata"])
+        return ReproqTaskContext(task_result=result, metadata=metadata,
                                  _saver=MetadataSaver(self.runtime, job.id),
                                  _cancel_flag=job.cancel_flag)
 

@@ -150,3 +150,14 @@ def flow_touch(path):
     with open(path, "a") as fh:
         fh.write("ran\n")
     return path
+
+
+@task(takes_context=True)
+def reports_its_result(context):
+    """Stores what its TaskResult and context said, to compare with get_result afterwards."""
+    r = context.task_result
+    context.metadata["seen"] = {
+        "enqueued_at": r.enqueued_at.isoformat(), "started_at": r.started_at.isoformat(),
+        "last_attempted_at": r.last_attempted_at.isoformat(), "worker_ids": r.worker_ids,
+        "pre": context.metadata.get("pre"), "aware": r.enqueued_at.utcoffset() is not None,
+    }
