@@ -1,9 +1,10 @@
 """`ReproqBackend`: the Django Tasks backend (validate, enqueue, bulk_enqueue, get_result).
 
-Enqueue is one SQL statement per batch (`reproq.sql.ENQUEUE`): insert, dedup against the partial
-unique index, and NOTIFY each queue, all in the caller's transaction when `enqueue` runs inside
-`transaction.atomic()`. `aenqueue` / `aget_result` use a native psycopg async pool (no thread
-hop); `aenqueue` therefore commits on its own, immediately (see docs/enqueue.md).
+Enqueue is one SQL statement per batch (`reproq.sql.ENQUEUE`; `ENQUEUE_ONE` for a single task):
+insert, dedup against the partial unique index, and NOTIFY each queue, all in the caller's
+transaction when `enqueue` runs inside `transaction.atomic()`. `aenqueue` / `aget_result` use a
+native psycopg async pool (no thread hop); `aenqueue` therefore commits on its own, immediately
+(see docs/enqueue.md).
 """
 
 from __future__ import annotations
@@ -252,6 +253,15 @@ class ReproqBackend(BaseTaskBackend):
             return [self.prepare(task, args, kwargs, validated=validated)
                     for task, args, kwargs in calls]
 
+    def _statement(self, specs: list[EnqueueSpec]) -> tuple[str, dict[str, Any]]:
+        """The enqueue statement for `specs` and its parameters: ENQUEUE_ONE for one task,
+        ENQUEUE (arrays) for more."""
+        params = self._params(specs)
+        if len(specs) == 1:
+            params["args_1"] = specs[0].enc_args
+            return sql.ENQUEUE_ONE, params
+        return sql.ENQUEUE, params
+
     def _params(self, specs: list[EnqueueSpec]) -> dict[str, Any]:
         opts = self.reproq_options
         params = batch.column_params(specs)
@@ -361,7 +371,7 @@ class ReproqBackend(BaseTaskBackend):
                 if first_rows is not None:
                     rows, first_rows = first_rows, None
                 else:
-                    cursor.execute(sql.ENQUEUE, self._params(chunk))
+                    cursor.execute(*self._statement(chunk))
                     rows = cursor.fetchall()
                 existing: dict[str, dict[str, Any]] = {}
                 missing = _dedup_hits(chunk, rows)
@@ -405,7 +415,7 @@ class ReproqBackend(BaseTaskBackend):
                 for _ in range(5):
                     chunk = [part[i] for i in pending]
                     async with conn.cursor(row_factory=tuple_row) as cur:
-                        await cur.execute(sql.ENQUEUE, self._params(chunk), binary=True)
+                        await cur.execute(*self._statement(chunk), binary=True)
                         rows = await cur.fetchall()
                     existing: dict[str, dict[str, Any]] = {}
                     missing = _dedup_hits(chunk, rows)

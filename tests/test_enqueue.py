@@ -565,6 +565,56 @@ def test_autocommit_enqueue_notifies_at_once(listener):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_one_task_statement_writes_what_the_batch_statement_writes(listener):
+    """`enqueue` of one task sends ENQUEUE_ONE (scalar parameters), `bulk_enqueue` of several
+    sends ENQUEUE (arrays): the same run row, dashboard event and NOTIFY for the same call."""
+    from reproq.models import Event
+
+    later = timezone.now().replace(microsecond=123456) + timedelta(hours=1)
+    configured = tasks.echo.using(max_attempts=5, timeout_seconds=9, queue_name="reports",
+                                  expires_in=timedelta(minutes=5), dedup=False)
+    cases = [
+        (tasks.add, {}),
+        (tasks.echo, {"n": 1, "priority": 7}),
+        (tasks.echo, {"run_after": later}),
+        (tasks.echo, {"run_after": timedelta(seconds=30)}),
+        (tasks.echo, {"lock_key": "k1"}),
+        (tasks.echo, {"concurrency_key": "ck", "concurrency_limit": 2}),
+        (configured, {"run_after": later}),
+    ]
+    timed = {"id", "args", "spec_hash", "enqueued_at"}
+    relative = timed | {"run_after", "sort_key", "expires_at"}
+    cols = [f.column for f in TaskRun._meta.concrete_fields]
+    filler = tasks.add.using(queue_name="other")
+    for i, (case, options) in enumerate(cases):
+        with CaptureQueriesContext(connection) as ctx:
+            one = backend().enqueue(case, (f"one-{i}",), dict(options))
+        assert [q for q in ctx.captured_queries if "SELECT 0 AS ord, %(args_1)s" in q["sql"]]
+        heard_one = received(listener, timeout=2, stop_after=1)
+        many = backend().bulk_enqueue([(case, (f"many-{i}",), dict(options)),
+                                       (filler, (i, i), {})])[0]
+        heard_many = [p for p in received(listener, timeout=2, stop_after=2) if p != "r:other"]
+        a = TaskRun.objects.filter(pk=int(one.id)).values(*cols).get()
+        b = TaskRun.objects.filter(pk=int(many.id)).values(*cols).get()
+        ignore = timed if isinstance(options.get("run_after"), dt.datetime) else relative
+        assert {c: a[c] for c in cols if c not in ignore} == {
+            c: b[c] for c in cols if c not in ignore}, (options, a, b)
+        assert (one.args, one.kwargs, one.status, one.task.priority) == (
+            [f"one-{i}"], many.kwargs, many.status, many.task.priority)
+        ev_one = Event.objects.get(run_id=int(one.id))
+        ev_many = Event.objects.get(run_id=int(many.id))
+        assert (ev_one.kind, ev_one.task_path, ev_one.queue_name, ev_one.data) == (
+            ev_many.kind, ev_many.task_path, ev_many.queue_name,
+            {"count": 1, "run_ids": [int(one.id)]}) and ev_many.data["count"] == 1
+        if a["status"] == "READY":
+            assert heard_one == heard_many == [f"r:{a['queue_name']}"]
+        elif isinstance(options.get("run_after"), dt.datetime):
+            assert heard_one == heard_many and heard_one[0].startswith("w:")
+        else:
+            assert heard_one[0].startswith("w:") and heard_many[0].startswith("w:")
+
+
+@pytest.mark.django_db(transaction=True)
 def test_rolled_back_enqueue_sends_no_notify(listener):
     with pytest.raises(RuntimeError), transaction.atomic():
         tasks.add.enqueue(1, 2)
