@@ -191,22 +191,28 @@ _NOTIFY_READY_QUEUES = f"""
     FROM (SELECT DISTINCT queue_name AS q FROM {{source}} WHERE status = 'READY') d
 """
 
+def _epoch_us(column: str) -> str:
+    """A timestamptz as epoch microseconds (exact); NULL for NULL and for ±infinity."""
+    return (f"CASE WHEN isfinite({column}) "
+            f"THEN (extract(epoch FROM {column}) * 1000000)::bigint END")
+
+
 # The columns a claim returns for each row it decided on (what the executor needs to run it).
 # What only a TaskResult needs (built for signals receivers, takes_context tasks and process
 # runs, not for a plain run) comes in forms that cost nothing to receive: timestamps as epoch
 # microseconds, JSON as text; `reproq.runtime.claimer.run_details` turns them into values when
 # needed. Parsing them for every row was about a tenth of a worker's CPU on a no-op drain. The
 # queue wait (the metric) is computed here.
-_CLAIM_RETURNING = """t.id, t.task_path, t.queue_name, t.priority, t.status, t.args, t.kwargs,
+_CLAIM_RETURNING = f"""t.id, t.task_path, t.queue_name, t.priority, t.status, t.args, t.kwargs,
               t.attempts, t.max_attempts, t.timeout_seconds, t.cancel_requested,
-              (extract(epoch FROM t.enqueued_at) * 1000000)::bigint AS enqueued_at_us,
-              (extract(epoch FROM t.run_after) * 1000000)::bigint AS run_after_us,
-              (extract(epoch FROM t.started_at) * 1000000)::bigint AS started_at_us,
-              (extract(epoch FROM t.last_attempted_at) * 1000000)::bigint
-                  AS last_attempted_at_us,
+              {_epoch_us("t.enqueued_at")} AS enqueued_at_us,
+              {_epoch_us("t.run_after")} AS run_after_us,
+              {_epoch_us("t.started_at")} AS started_at_us,
+              {_epoch_us("t.last_attempted_at")} AS last_attempted_at_us,
               t.worker_ids::text AS worker_ids_json, t.metadata::text AS metadata_json,
-              greatest(extract(epoch FROM t.last_attempted_at - t.run_after), 0)::float8
-                  AS queue_wait"""
+              CASE WHEN isfinite(t.last_attempted_at) AND isfinite(t.run_after)
+                   THEN greatest(extract(epoch FROM t.last_attempted_at - t.run_after), 0)::float8
+              END AS queue_wait"""
 
 # Did the claim pass over READY rows of these queues that SKIP LOCKED left out? Only looked at
 # when the claim found fewer rows than it asked for (a full claim is followed by another one

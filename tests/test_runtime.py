@@ -59,6 +59,32 @@ def test_a_running_task_sees_the_same_result_fields_as_get_result(mode):
     assert len(done.worker_ids) == 1
 
 
+def test_a_run_with_infinite_timestamps_written_by_hand_still_runs():
+    """Rows written by hand may hold ±infinity (PostgreSQL accepts it): the claim still claims
+    them, and the task still runs and reports (the result's datetimes are None then)."""
+    r = tasks.with_context.enqueue("odd")
+    with connection.cursor() as cur:
+        cur.execute("UPDATE reproq_task_runs SET enqueued_at = 'infinity', "
+                    "run_after = '-infinity' WHERE id = %s", [int(r.id)])
+
+    async def body(rt):
+        conn = await db.connect()
+        try:
+            for _ in range(200):
+                cur = await conn.execute("SELECT status, return_value FROM reproq_task_runs "
+                                         "WHERE id = %s", [int(r.id)])
+                row = await cur.fetchone()
+                if row["status"] not in ("READY", "RUNNING"):
+                    return row
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+        return row
+
+    row = run_with_runtime(body)
+    assert (row["status"], row["return_value"]) == ("SUCCESSFUL", 1)
+
+
 def test_signals_fire_for_started_and_finished():
     seen: list[tuple[str, str]] = []
 
