@@ -173,6 +173,7 @@ class RuntimeSettings:
     lazy_start: bool = True
     not_started_warning_seconds: float = 30.0
     events_retention_seconds: float = 600.0
+    finished_retention_seconds: float = 14 * 86400.0  # 0: keep finished runs forever
     beat: bool = True  # compete for beat leadership (cron schedules) in this process
     beat_interval_seconds: float = 2.0
     leader_timeout_seconds: float = 15.0
@@ -204,6 +205,7 @@ _RUNTIME_KINDS: dict[str, str] = {
     "lazy_start": "bool",
     "not_started_warning_seconds": "posnum",
     "events_retention_seconds": "posnum",
+    "finished_retention_seconds": "nonnegnum",
     "beat": "bool",
     "beat_interval_seconds": "posnum",
     "leader_timeout_seconds": "posnum",

@@ -701,6 +701,25 @@ WHERE id IN (SELECT id FROM reproq_events
              ORDER BY id LIMIT 10000)
 """
 
+# Finished runs past their retention, oldest first, at most %(limit)s per statement (see
+# `reproq.retention`). NULL filters mean "any". Rows locked elsewhere are left for the next pass.
+_PRUNABLE = """
+    SELECT id FROM reproq_task_runs
+    WHERE finished_at IS NOT NULL
+      AND finished_at < now() - make_interval(secs => %(keep)s)
+      AND status = ANY(%(states)s::text[])
+      AND (%(queues)s::text[] IS NULL OR queue_name = ANY(%(queues)s::text[]))
+      AND (%(tasks)s::text[] IS NULL OR task_path = ANY(%(tasks)s::text[]))
+    ORDER BY finished_at
+    LIMIT %(limit)s
+"""
+PRUNE_RUNS = f"""
+WITH doomed AS ({_PRUNABLE}    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM reproq_task_runs t USING doomed d WHERE t.id = d.id
+"""
+COUNT_PRUNABLE = f"SELECT count(*) AS n FROM ({_PRUNABLE}) p"
+
 DELETE_WORKER = "DELETE FROM reproq_workers WHERE id = %(worker)s"
 
 SAVE_METADATA = """

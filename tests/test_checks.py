@@ -191,6 +191,8 @@ def test_test_settings_are_valid():
         ({"AUTOSTART": "yes"}, "AUTOSTART", "True or False"),
         ({"WORKER_ID": 5}, "WORKER_ID", "a string"),
         ({"GC_FREEZE": "off"}, "GC_FREEZE", "True or False"),
+        ({"FINISHED_RETENTION_SECONDS": -1}, "FINISHED_RETENTION_SECONDS", "a number >= 0"),
+        ({"FINISHED_RETENTION_SECONDS": "14d"}, "FINISHED_RETENTION_SECONDS", "a number >= 0"),
     ],
     ids=repr,
 )
@@ -295,6 +297,7 @@ def test_bad_env_var_is_a_problem_naming_the_variable():
         ({"REPROQ_WORKER_ID": "web-1"}, "worker_id", "web-1"),
         ({"REPROQ_CONCURRENCY": " 4 "}, "concurrency", 4),
         ({"REPROQ_GC_FREEZE": "0"}, "gc_freeze", False),
+        ({"REPROQ_FINISHED_RETENTION_SECONDS": "0"}, "finished_retention_seconds", 0.0),
     ],
     ids=repr,
 )

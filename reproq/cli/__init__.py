@@ -15,6 +15,13 @@ SUBCOMMANDS = {
     "beat": "Run the leader-elected cron beat standalone; --once enqueues what is due and exits.",
     "schedule": "Enqueue the cron ticks that are due now and exit (alias of beat --once).",
     "sync-recurring": "Write the @recurring schedules declared in code to the database.",
+    "doctor": "Check settings, database, migrations, LISTEN/NOTIFY, clocks, runtimes and leases.",
+    "status": "Queues (ready, waiting, blocked, running, paused), workers, failing tasks.",
+    "replay": "Enqueue new copies of runs by id, or of the runs that failed within a duration.",
+    "triage": "Recent failures grouped by task and error class, with a replay command for each.",
+    "reclaim": "Return runs whose lease expired now (what every runtime does periodically).",
+    "prune": "Delete finished runs older than a duration (filters: state, queue, task; --dry-run).",
+    "systemd": "Print or write systemd units: worker processes or the uvicorn web service.",
     "pg-cron": "Install or remove pg_cron jobs that enqueue the schedules inside PostgreSQL.",
 }
 

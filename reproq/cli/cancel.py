@@ -7,15 +7,11 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-
-def _run_id(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or len(text) > 18:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a run id (a positive whole number)")
-    return int(text)
+from .argtypes import run_id
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--id", dest="ids", type=_run_id, action="append", required=True,
+    parser.add_argument("--id", dest="ids", type=run_id, action="append", required=True,
                         help="run id to cancel (repeatable)")
 
 

@@ -1,6 +1,8 @@
 """Returns runs whose lease expired to READY (or FAILED when attempts are spent), removes worker
-rows that stopped renewing, and wakes parked runs whose concurrency key has room again (a safety
-net behind the release trigger). Every process runs it; SKIP LOCKED keeps them apart."""
+rows that stopped renewing, wakes parked runs whose concurrency key has room again (a safety
+net behind the release trigger), and deletes old events and finished runs past
+FINISHED_RETENTION_SECONDS (`reproq.retention`). Every process runs it; SKIP LOCKED keeps them
+apart."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .. import sql
+from .. import retention, sql
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -23,6 +25,8 @@ class Reclaimer:
         self.runtime = runtime
         self.requeued = 0
         self.failed = 0
+        self.pruned = 0
+        self.prune_backlog = False  # the last pass deleted all it may: more are due
 
     async def reclaim_once(self) -> int:
         rt = self.runtime
@@ -44,10 +48,20 @@ class Reclaimer:
             await conn.execute(sql.PRUNE_EVENTS, {"keep": rt.settings.events_retention_seconds})
         if woke["woken"]:
             rt.claimer.wake()
+        keep = rt.settings.finished_retention_seconds
+        if keep > 0:
+            batch, batches = retention.DEFAULT_BATCH, retention.RUNTIME_MAX_BATCHES
+            deleted = await retention.aprune(rt.pool, retention.PruneFilter(keep), batch=batch,
+                                             max_batches=batches)
+            self.pruned += deleted
+            self.prune_backlog = deleted >= batch * batches
         return requeued + failed
 
     async def run(self) -> None:
         while True:
             while await self.reclaim_once() >= BATCH:
                 pass
-            await anyio.sleep(self.runtime.settings.reclaim_seconds)
+            pause = self.runtime.settings.reclaim_seconds
+            if self.prune_backlog:  # old finished runs left: the next pass comes sooner
+                pause = min(pause, retention.CATCH_UP_SECONDS)
+            await anyio.sleep(pause)

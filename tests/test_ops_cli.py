@@ -1,0 +1,442 @@
+"""Operations from the command line against a real PostgreSQL: prune (and the runtime's
+automatic retention), status, replay and reclaim — with their bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from reproq import db, retention
+from reproq.models import TaskRun, Worker
+from tests.dashboard_helpers import make_run
+from tests.runtime_helpers import run_with_runtime
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def call(*args: str) -> tuple[str, str]:
+    out, err = StringIO(), StringIO()
+    call_command("reproq", *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def finished(status: str, age: timedelta, **fields) -> TaskRun:
+    return make_run(status, finished_at=timezone.now() - age, **fields)
+
+
+def ids() -> set[int]:
+    return set(TaskRun.objects.values_list("pk", flat=True))
+
+
+@pytest.fixture
+def history() -> dict[str, TaskRun]:
+    """Old finished runs in every final state, recent ones, active ones and a hand-written
+    finished row without finished_at."""
+    old = timedelta(days=3)
+    runs = {
+        "old_ok": finished("SUCCESSFUL", old),
+        "old_failed": finished("FAILED", old),
+        "old_cancelled": finished("CANCELLED", old),
+        "old_expired": finished("EXPIRED", old),
+        "old_other_queue": finished("SUCCESSFUL", old, queue="emails"),
+        "old_other_task": finished("SUCCESSFUL", old, task="tests.testapp.tasks.boom"),
+        "recent_ok": finished("SUCCESSFUL", timedelta(hours=1)),
+        "ready": make_run("READY", enqueued_at=timezone.now() - timedelta(days=10)),
+        "waiting": make_run("WAITING", run_after=timezone.now() + timedelta(days=1)),
+        "running": make_run("RUNNING"),
+        "no_finish_time": make_run("SUCCESSFUL", finished_at=None),
+    }
+    return runs
+
+
+def test_prune_deletes_only_finished_runs_past_the_cutoff(history):
+    h = {k: v.pk for k, v in history.items()}
+    before = ids()
+
+    out, _ = call("prune", "--older-than", "2d", "--dry-run")
+    assert "would delete 6 " in out and "nothing deleted" in out
+    assert ids() == before
+
+    out, _ = call("prune", "--older-than", "2d", "--status", "successful", "--queue", "emails")
+    assert out.startswith("deleted 1 SUCCESSFUL runs") and "in queue emails" in out
+    assert ids() == before - {h["old_other_queue"]}
+
+    out, _ = call("prune", "--older-than", "48h", "--task", "tests.testapp.tasks.boom")
+    assert out.startswith("deleted 1 ")
+    out, _ = call("prune", "--older-than", "2d", "--status", "FAILED", "--status", "EXPIRED")
+    assert out.startswith("deleted 2 FAILED/EXPIRED runs")
+
+    # Batches of one: every batch its own statement and transaction, progress on stderr.
+    out, err = call("prune", "--older-than", str(2 * 86400), "--batch", "1")
+    assert out.startswith("deleted 2 ") and "... 1 deleted" in err and "... 2 deleted" in err
+    kept = {"recent_ok", "ready", "waiting", "running", "no_finish_time"}
+    assert ids() == {h[k] for k in kept}
+
+    out, _ = call("prune", "--older-than", "2d")
+    assert out.startswith("deleted 0 ")
+    out, _ = call("prune", "--older-than", "0")  # everything finished, now
+    assert out.startswith("deleted 1 ")
+    assert ids() == {h[k] for k in kept - {"recent_ok"}}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--older-than", "abc"], "is not a duration"),
+    (["--older-than", "7x"], "is not a duration"),
+    (["--older-than", ""], "is not a duration"),
+    (["--older-than=-1d"], "must be a finite duration >= 0"),
+    (["--older-than", "inf"], "must be a finite duration >= 0"),
+    (["--older-than", "nan"], "must be a finite duration >= 0"),
+    (["--older-than", "1e400"], "must be a finite duration >= 0"),
+    (["--older-than", "1d", "--status", "RUNNING"], "is not a finished state"),
+    (["--older-than", "1d", "--status", "ready"], "is not a finished state"),
+    (["--older-than", "1d", "--batch", "0"], "must be >= 1"),
+    (["--older-than", "1d", "--batch", "many"], "is not a whole number"),
+    (["--older-than", "1d", "--queue", "bad name"], "invalid queue name"),
+    (["--older-than", "1d", "--task", "x" * 600], "invalid task paths"),
+    (["--status", "FAILED"], "--older-than"),
+], ids=lambda v: repr(v)[:50])
+def test_prune_rejects_bad_input_and_deletes_nothing(history, argv, message):
+    before = ids()
+    with pytest.raises(CommandError, match=message):
+        call("prune", *argv)
+    assert ids() == before
+
+
+def test_prune_filter_rejects_bad_values_from_code():
+    for bad in (-1, float("nan"), float("inf"), "7", True, None):
+        with pytest.raises(ValueError, match="keep_seconds"):
+            retention.PruneFilter(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="only finished states"):
+        retention.PruneFilter(60, states=())
+    with pytest.raises(ValueError, match="batch"):
+        retention.prune(retention.PruneFilter(60), batch=0)
+
+
+def test_the_runtime_deletes_finished_runs_past_their_retention():
+    old = finished("SUCCESSFUL", timedelta(hours=3))
+    old_failed = finished("FAILED", timedelta(hours=2))
+    young = finished("SUCCESSFUL", timedelta(minutes=30))
+    ready = make_run("READY", enqueued_at=timezone.now() - timedelta(days=30))
+
+    async def pruned_by_its_reclaim_service(rt):
+        # Its first pass runs at start; a pass of our own races it (SKIP LOCKED): wait.
+        for _ in range(200):
+            if rt.reclaimer.pruned >= 2:
+                break
+            await asyncio.sleep(0.05)
+        return rt.reclaimer.pruned
+
+    assert run_with_runtime(pruned_by_its_reclaim_service, finished_retention_seconds=3600) == 2
+    assert ids() == {young.pk, ready.pk}
+    assert old.pk not in ids() and old_failed.pk not in ids()
+
+    # 0 keeps finished runs forever.
+    ancient = finished("SUCCESSFUL", timedelta(days=400))
+
+    async def one_pass(rt):
+        await rt.reclaimer.reclaim_once()
+        return rt.reclaimer.pruned
+
+    assert run_with_runtime(one_pass, finished_retention_seconds=0) == 0
+    assert ids() == {young.pk, ready.pk, ancient.pk}
+
+
+def test_the_runtime_catches_up_on_a_backlog_sooner_than_its_reclaim_interval(monkeypatch):
+    for hours in range(2, 25):
+        finished("SUCCESSFUL", timedelta(hours=hours))
+    young = finished("SUCCESSFUL", timedelta(minutes=1))
+    monkeypatch.setattr(retention, "DEFAULT_BATCH", 5)  # 10 per pass
+
+    async def until_pruned(rt):
+        for _ in range(300):  # passes every second while full: 23 rows in 3 passes
+            if rt.reclaimer.pruned >= 23 and not rt.reclaimer.prune_backlog:
+                break
+            await asyncio.sleep(0.05)
+        return rt.reclaimer.pruned, rt.reclaimer.prune_backlog
+
+    # With a 60 s reclaim interval, three passes within 15 s are the catch-up cadence.
+    assert run_with_runtime(until_pruned, finished_retention_seconds=3600,
+                            reclaim_seconds=60) == (23, False)
+    assert ids() == {young.pk}
+
+
+def test_async_prune_goes_oldest_first_in_bounded_steps():
+    from django.db import connection
+
+    keep = make_run("SUCCESSFUL")  # finished now: a template row, copied in SQL below
+    with connection.cursor() as cursor:
+        cursor.execute("""
+            INSERT INTO reproq_task_runs (task_path, queue_name, priority, status, sort_key, args,
+                kwargs, enqueued_at, run_after, attempts, max_attempts, timeout_seconds,
+                worker_ids, errors, metadata, blocked, cancel_requested, status_reason,
+                backend_alias, code_ref, pip_lock_hash, finished_at)
+            SELECT task_path, queue_name, priority, status, sort_key, args, kwargs, enqueued_at,
+                run_after, attempts, max_attempts, timeout_seconds, worker_ids, errors, metadata,
+                blocked, cancel_requested, status_reason, backend_alias, code_ref, pip_lock_hash,
+                now() - interval '2 days' - g * interval '1 second'
+            FROM reproq_task_runs, generate_series(1, 100) g
+        """)
+    by_age = list(TaskRun.objects.exclude(pk=keep.pk).order_by("finished_at")
+                  .values_list("pk", flat=True))
+
+    async def passes():
+        pool = db.make_pool("default", 2, "test-prune")
+        await pool.open()
+        try:
+            which = retention.PruneFilter(86400)
+            steps = []
+            for _ in range(4):
+                n = await retention.aprune(pool, which, batch=20, max_batches=2)
+                async with pool.connection() as conn:
+                    cur = await conn.execute("SELECT id FROM reproq_task_runs")
+                    steps.append((n, {int(r["id"]) for r in await cur.fetchall()}))
+            return steps
+        finally:
+            await pool.close()
+
+    steps = asyncio.run(passes())
+    # 40 per call (2 statements of 20), oldest first, then the last 20; the young row stays.
+    assert [n for n, _ in steps] == [40, 40, 20, 0]
+    assert steps[0][1] == set(by_age[40:]) | {keep.pk}
+    assert steps[1][1] == set(by_age[80:]) | {keep.pk}
+    assert steps[3][1] == {keep.pk}
+
+
+def test_status_shows_queues_workers_and_failing_tasks(history):
+    now = timezone.now()
+    Worker.objects.create(id="web-1-abc", hostname="web-1", pid=42, queues=["default"],
+                          concurrency=10, started_at=now, last_seen_at=now)
+    finished("FAILED", timedelta(minutes=5), task="tests.testapp.tasks.boom")
+    out, _ = call("status")
+    lines = out.splitlines()
+    assert lines[0].startswith("database default: ") and "READY 1" in lines[0]
+    header = next(line for line in lines if line.startswith("queue "))
+    assert header.split() == ["queue", "ready", "waiting", "blocked", "running", "state",
+                              "done", "5m", "failed", "5m"]
+    default = next(line for line in lines if line.startswith("default "))
+    assert default.split()[:5] == ["default", "1", "1", "0", "1"]
+    assert any(line.startswith("emails ") for line in lines)
+    assert "workers: 1 (no beat leader)" in out and "web-1-abc" in out
+    assert "tests.testapp.tasks.boom" in out and "failing in the last 24 h:" in out
+
+    doc = json.loads(call("status", "--json")[0])
+    assert {q["name"] for q in doc["queues"]} >= {"default", "emails"}
+    assert doc["workers"]["count"] == 1
+    with pytest.raises(CommandError, match="unrecognized arguments"):
+        call("status", "--nope")
+
+
+def test_replay_copies_runs_by_id_and_the_recent_failures():
+    failed = finished("FAILED", timedelta(minutes=10), args=[3, 4])
+    cancelled = finished("CANCELLED", timedelta(minutes=20), args=[5, 6], queue="emails")
+    old_failed = finished("FAILED", timedelta(days=2), args=[7, 8])
+    ok = finished("SUCCESSFUL", timedelta(minutes=1), args=[9, 9])
+
+    out, _ = call("replay", "--failed-since", "1h", "--dry-run")
+    assert out.startswith("would copy 2 runs") and str(failed.pk) in out
+    assert TaskRun.objects.count() == 4
+
+    out, _ = call("replay", "--failed-since", "1h", "--queue", "emails")
+    new = TaskRun.objects.exclude(pk__in=[failed.pk, cancelled.pk, old_failed.pk, ok.pk])
+    assert [(r.parent_id, r.status, r.queue_name, r.args) for r in new] == [
+        (cancelled.pk, "READY", "emails", [5, 6])]
+    assert f"{cancelled.pk} -> {new[0].pk}" in out and "1 of 1 runs copied" in out
+
+    # By id, any state; --failed-only refuses the successful one and says so.
+    out, _ = call("replay", "--id", str(ok.pk))
+    assert "1 of 1 runs copied" in out
+    with pytest.raises(CommandError, match="1 of the given runs do not exist or did not fail"):
+        call("replay", "--id", str(ok.pk), "--id", str(old_failed.pk), "--failed-only")
+    assert TaskRun.objects.filter(parent_id=old_failed.pk, status="READY").count() == 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ([], "one of the arguments --id --failed-since is required"),
+    (["--id", "abc"], "is not a run id"),
+    (["--id", "0"], "is not a run id"),
+    (["--id", "1", "--failed-since", "1h"], "not allowed with argument"),
+    (["--failed-since", "soon"], "is not a duration"),
+    (["--failed-since", "1h", "--queue", "bad name"], "invalid queue name"),
+    (["--failed-since", "1h", "--limit", "0"], "must be >= 1"),
+    (["--failed-since", "1h", "--limit", "20000"], "--limit is at most 10000"),
+    (["--id", "1", "--task", "tests.testapp.tasks.add"], "with --failed-since, not with --id"),
+    (["--id", "987654321"], "1 of the given runs do not exist"),
+], ids=repr)
+def test_replay_rejects_bad_input_and_copies_nothing(argv, message):
+    finished("FAILED", timedelta(minutes=10))
+    before = ids()
+    with pytest.raises(CommandError, match=message):
+        call("replay", *argv)
+    assert ids() == before
+
+
+def test_reclaim_returns_expired_leases_now():
+    past = timezone.now() - timedelta(minutes=5)
+    stuck = make_run("RUNNING", leased_until=past, lease_owner="w-dead", max_attempts=3)
+    spent = make_run("RUNNING", leased_until=past, lease_owner="w-dead", max_attempts=1)
+    live = make_run("RUNNING")
+    Worker.objects.create(id="w-dead", hostname="h", pid=1, queues=["default"], concurrency=1,
+                          started_at=past, last_seen_at=timezone.now() - timedelta(hours=1))
+
+    out, _ = call("reclaim")
+    assert out.startswith("2 runs with expired leases: 1 back to READY, 1 failed")
+    assert "1 dead worker rows removed" in out
+    states = dict(TaskRun.objects.values_list("pk", "status"))
+    assert states == {stuck.pk: "READY", spent.pk: "FAILED", live.pk: "RUNNING"}
+    out, _ = call("reclaim")
+    assert out.startswith("0 runs with expired leases")
+    with pytest.raises(CommandError, match="unrecognized arguments"):
+        call("reclaim", "--all")
+
+
+def doctor_lines(*argv: str) -> dict[str, tuple[str, str]]:
+    """{topic: (level, detail + hint)} of a doctor run that must not fail."""
+    out, _ = call("doctor", *argv)
+    assert out.rstrip().splitlines()[-1].startswith("doctor: no failures")
+    return _parse_doctor(out)
+
+
+def _parse_doctor(out: str) -> dict[str, tuple[str, str]]:
+    found: dict[str, tuple[str, str]] = {}
+    topic = ""
+    for line in out.splitlines():
+        if line.startswith(("ok ", "warn ", "FAIL ")):
+            level, rest = line.split(None, 1)
+            words = rest.split("  ", 1)
+            topic = words[0].strip()
+            found[topic] = (level, words[1].strip() if len(words) > 1 else "")
+        elif "-> " in line and topic:
+            level, text = found[topic]
+            found[topic] = (level, text + " " + line.split("-> ", 1)[1])
+    return found
+
+
+def test_doctor_passes_on_a_healthy_installation():
+    found = doctor_lines()
+    assert {k: v[0] for k, v in found.items()} == {
+        "settings": "ok", "database": "ok", "migrations": "ok", "tables": "ok", "run ids": "ok",
+        "runtimes": "ok", "leases": "ok", "backlog": "ok", "beat": "ok", "queues": "ok",
+        "listen/notify": "ok", "clock": "ok"}
+    assert "PostgreSQL" in found["database"][1]
+
+
+def test_doctor_warns_about_what_keeps_tasks_from_running():
+    from reproq import control
+    from reproq.models import PeriodicTask
+
+    long_ago = timezone.now() - timedelta(minutes=20)
+    make_run("READY", run_after=long_ago)
+    make_run("RUNNING", leased_until=long_ago, lease_owner="w-gone")
+    control.set_paused("emails", True, reason="maintenance")
+    PeriodicTask.objects.create(name="nightly", cron_expr="0 3 * * *",
+                                task_path="tests.testapp.tasks.add")
+    found = doctor_lines()
+    warned = {k: v[1] for k, v in found.items() if v[0] == "warn"}
+    assert set(warned) == {"runtimes", "leases", "backlog", "beat", "queues"}
+    assert "nothing runs them" in warned["runtimes"]
+    assert "1 running runs hold leases that expired" in warned["leases"]
+    assert "manage.py reproq reclaim" in warned["leases"]
+    assert "has waited 1,2" in warned["backlog"]
+    assert "1 enabled schedules and no live beat leader" in warned["beat"]
+    assert "paused: emails" in warned["queues"] and "resume-queue" in warned["queues"]
+    with pytest.raises(CommandError, match="doctor: 0 failed, 5 warnings"):
+        call("doctor", "--strict")
+
+
+def test_doctor_fails_on_a_renamed_run_sequence_and_on_bad_input():
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER SEQUENCE reproq_task_runs_id_seq RENAME TO renamed_by_hand")
+    try:
+        out = StringIO()
+        with pytest.raises(CommandError, match="doctor: 1 failed"):
+            call_command("reproq", "doctor", stdout=out)
+        found = _parse_doctor(out.getvalue())
+        assert found["run ids"][0] == "FAIL"
+        assert "every enqueue fails" in found["run ids"][1]
+        assert "RENAME TO reproq_task_runs_id_seq" in found["run ids"][1]
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER SEQUENCE renamed_by_hand RENAME TO reproq_task_runs_id_seq")
+    for command in ("doctor", "status", "reclaim", "prune", "replay"):
+        with pytest.raises(CommandError, match="'nope' is not a database alias"):
+            call(command, "--database", "nope", *(
+                ["--older-than", "1d"] if command == "prune" else
+                ["--id", "1"] if command == "replay" else []))
+
+
+def test_triage_groups_recent_failures_by_task_and_error():
+    def failure(task: str, error: str, message: str, age: timedelta) -> TaskRun:
+        return finished("FAILED", age, task=task, errors=[{
+            "exception_class_path": error, "attempt": 1, "worker_id": "w",
+            "traceback": f"Traceback (most recent call last):\n  File x\n{message}\n"}])
+
+    add, boom = "tests.testapp.tasks.add", "tests.testapp.tasks.boom"
+    for minutes in (5, 6, 7):
+        failure(boom, "builtins.ValueError", f"ValueError: bad {minutes}",
+                timedelta(minutes=minutes))
+    newest = failure(boom, "builtins.KeyError", "KeyError: 'x'", timedelta(minutes=1))
+    failure(add, "builtins.ValueError", "ValueError: add", timedelta(minutes=2))
+    finished("CANCELLED", timedelta(minutes=3), task=add)
+    finished("FAILED", timedelta(minutes=4), task=add, errors={"by": "hand"})  # not an array
+    failure(boom, "builtins.ValueError", "ValueError: old", timedelta(days=3))
+
+    out, _ = call("triage")
+    blocks = [b.strip().splitlines() for b in out.split("\n\n")[1:]]
+    heads = [b[0].split() for b in blocks]
+    assert heads[0] == ["3", boom, "builtins.ValueError"]
+    assert sorted(map(tuple, heads[1:])) == sorted([
+        ("1", boom, "builtins.KeyError"), ("1", add, "builtins.ValueError"),
+        ("1", add, "CANCELLED"), ("1", add, "(no", "error", "recorded)")])
+    assert blocks[0][2].strip() == "ValueError: bad 5"  # the newest example's last line
+    keyerror = next(b for b in blocks if "builtins.KeyError" in b[0])
+    assert f"(newest: run {newest.pk})" in keyerror[1] and keyerror[2].strip() == "KeyError: 'x'"
+    assert blocks[0][-1].strip() == (
+        f"replay: python manage.py reproq replay --failed-since 86400s --task {boom}")
+
+    out, _ = call("triage", "--task", add, "--since", "150s", "--limit", "5")
+    assert [line.split()[:3] for line in out.splitlines() if line[:6].strip().isdigit()] == [
+        ["1", add, "builtins.ValueError"]]
+    out, _ = call("triage", "--since", "30s")
+    assert out.startswith("no failed, cancelled or expired runs in the last 30s")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--since", "yesterday"], "is not a duration"),
+    (["--limit", "0"], "must be >= 1"),
+    (["--queue", "bad name"], "invalid queue name"),
+    (["--database", "nope"], "is not a database alias"),
+], ids=repr)
+def test_triage_rejects_bad_input(argv, message):
+    with pytest.raises(CommandError, match=message):
+        call("triage", *argv)
+
+
+def test_commands_on_a_database_without_the_runs_table_say_so_without_a_traceback():
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE reproq_task_runs RENAME TO reproq_task_runs_away")
+    try:
+        for argv in (["status"], ["triage"], ["prune", "--older-than", "1d"],
+                     ["prune", "--older-than", "1d", "--dry-run"], ["reclaim"],
+                     ["replay", "--id", "1"], ["replay", "--failed-since", "1h"]):
+            with pytest.raises(CommandError, match=r'relation "reproq_task_runs" does not '
+                               r"exist.*manage.py reproq doctor"):
+                call(*argv)
+        out = StringIO()
+        with pytest.raises(CommandError, match="doctor: 1 failed"):
+            call_command("reproq", "doctor", stdout=out)
+        found = _parse_doctor(out.getvalue())
+        assert found["tables"][0] == "FAIL" and "reproq_task_runs" in found["tables"][1]
+        assert "run ids" not in found and "runtimes" not in found  # they need the table
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE reproq_task_runs_away RENAME TO reproq_task_runs")
