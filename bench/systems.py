@@ -192,6 +192,47 @@ class Reproq(System):
         out["statement"] = "reproq.sql.claim_fast (limit 10), the runtime's claim"
         return out
 
+    def claim_ceiling(self, n: int, limit: int) -> dict[str, float]:
+        """Claim a backlog of ``n`` runs with the runtime's claim statement alone, back to back
+        on one async connection (autocommit, prepared, dict rows: as the runtime's pool), ``limit``
+        rows per claim, running nothing and recording nothing: the most one process with
+        ``limit`` slots could drain if running and recording tasks cost nothing."""
+        import asyncio
+
+        import psycopg
+        from psycopg.rows import dict_row
+
+        from reproq import sql
+
+        self.reset()
+        self.fill(n, "async")
+        self.conn.execute("VACUUM ANALYZE reproq_task_runs")
+        statement = sql.claim_fast(("default",), limit)
+        params = {"worker": "bench-ceiling", "lease": 60}
+
+        async def drain() -> tuple[int, int, float]:
+            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True,
+                                                         row_factory=dict_row)
+            try:
+                await (await conn.execute(statement, params)).fetchall()  # warm, not timed
+                claimed, claims = limit, 0
+                t0 = time.perf_counter()
+                while True:
+                    cur = await conn.execute(statement, params)
+                    got = sum(1 for r in await cur.fetchall() if r["id"] is not None)
+                    if not got:
+                        break
+                    claimed, claims = claimed + got, claims + 1
+                return claimed, claims, time.perf_counter() - t0
+            finally:
+                await conn.close()
+
+        claimed, claims, seconds = asyncio.run(drain())
+        if claimed != n:
+            raise RuntimeError(f"claimed {claimed} of {n} runs")
+        timed = max(claimed - limit, 1)
+        return {"jobs_per_s": timed / seconds, "claim_ms": seconds / max(claims, 1) * 1000}
+
     def concurrency_note(self, concurrency: int, processes: int) -> str:
         return f"{processes} x `reproq worker --concurrency {concurrency}`"
 
