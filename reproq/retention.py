@@ -5,7 +5,9 @@ A run is prunable when it is finished (SUCCESSFUL, FAILED, CANCELLED or EXPIRED)
 ``finished_at`` lies more than ``keep_seconds`` in the past; filters narrow that by state, queue
 and task path. Deletes go oldest first in batches (one statement and one short transaction
 each, ``FOR UPDATE SKIP LOCKED``), so pruning never holds many locks or blocks a claim. A run
-without ``finished_at`` (written by hand) is never pruned.
+without ``finished_at`` (written by hand) is never pruned. The runtime also deletes cron
+schedule ticks scheduled before the retention that lie behind their schedule's
+``next_run_at`` (`aprune_ticks`).
 """
 
 from __future__ import annotations
@@ -108,3 +110,10 @@ async def aprune(pool: Any, which: PruneFilter, batch: int = DEFAULT_BATCH,
             break
     return total
 
+
+async def aprune_ticks(pool: Any, keep_seconds: float, batch: int = DEFAULT_BATCH) -> int:
+    """Delete at most `batch` schedule ticks older than `keep_seconds` (one statement)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(sql.PRUNE_TICKS, {"keep": float(keep_seconds),
+                                                   "limit": _limit(batch)})
+        return max(int(cur.rowcount), 0)

@@ -720,6 +720,25 @@ DELETE FROM reproq_task_runs t USING doomed d WHERE t.id = d.id
 """
 COUNT_PRUNABLE = f"SELECT count(*) AS n FROM ({_PRUNABLE}) p"
 
+# Schedule ticks (the exactly-once records of cron fires) scheduled more than %(keep)s seconds
+# ago and behind their schedule's next_run_at (a beat never fires those again), oldest first:
+# a range scan of the (schedule, scheduled_for) unique index per schedule.
+PRUNE_TICKS = """
+DELETE FROM reproq_schedule_ticks
+WHERE id IN (
+    SELECT old.id FROM reproq_periodic_tasks p
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM reproq_schedule_ticks t
+        WHERE t.schedule_id = p.id
+          AND t.scheduled_for < least(p.next_run_at, now() - make_interval(secs => %(keep)s))
+        ORDER BY t.scheduled_for
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) old
+    LIMIT %(limit)s
+)
+"""
+
 DELETE_WORKER = "DELETE FROM reproq_workers WHERE id = %(worker)s"
 
 SAVE_METADATA = """

@@ -474,3 +474,38 @@ def test_commands_on_a_database_without_the_runs_table_say_so_without_a_tracebac
     finally:
         with connection.cursor() as cursor:
             cursor.execute("ALTER TABLE reproq_task_runs_away RENAME TO reproq_task_runs")
+
+
+def test_old_schedule_ticks_behind_their_schedule_are_deleted():
+    from reproq.models import PeriodicTask, ScheduleTick
+
+    now = timezone.now()
+    moving = PeriodicTask.objects.create(name="hourly", cron_expr="0 * * * *",
+                                         task_path="tests.testapp.tasks.add")
+    stuck = PeriodicTask.objects.create(name="stuck", cron_expr="0 * * * *",
+                                        task_path="tests.testapp.tasks.add")
+    PeriodicTask.objects.filter(pk=stuck.pk).update(next_run_at=now - timedelta(days=30))
+
+    def tick(schedule, age: timedelta) -> ScheduleTick:
+        return ScheduleTick.objects.create(schedule=schedule, scheduled_for=now - age)
+
+    old = [tick(moving, timedelta(days=d)) for d in (20, 21, 22)]
+    recent = tick(moving, timedelta(hours=1))
+    ahead_of_next = tick(stuck, timedelta(days=20))  # not behind its next_run_at: kept
+    behind = tick(stuck, timedelta(days=40))
+
+    async def prune_ticks():
+        pool = db.make_pool("default", 1, "test-ticks")
+        await pool.open()
+        try:
+            first = await retention.aprune_ticks(pool, 14 * 86400, batch=2)
+            rest = await retention.aprune_ticks(pool, 14 * 86400, batch=100)
+            return first, rest
+        finally:
+            await pool.close()
+
+    first, rest = asyncio.run(prune_ticks())
+    assert first == 2 and first + rest == 4
+    left = set(ScheduleTick.objects.values_list("pk", flat=True))
+    assert left == {recent.pk, ahead_of_next.pk}
+    assert not {t.pk for t in old} & left and behind.pk not in left

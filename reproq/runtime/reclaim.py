@@ -26,6 +26,7 @@ class Reclaimer:
         self.requeued = 0
         self.failed = 0
         self.pruned = 0
+        self.pruned_ticks = 0
         self.prune_backlog = False  # the last pass deleted all it may: more are due
 
     async def reclaim_once(self) -> int:
@@ -54,7 +55,9 @@ class Reclaimer:
             deleted = await retention.aprune(rt.pool, retention.PruneFilter(keep), batch=batch,
                                              max_batches=batches)
             self.pruned += deleted
-            self.prune_backlog = deleted >= batch * batches
+            ticks = await retention.aprune_ticks(rt.pool, keep, batch=batch)
+            self.pruned_ticks += ticks
+            self.prune_backlog = deleted >= batch * batches or ticks >= batch
         return requeued + failed
 
     async def run(self) -> None:
