@@ -59,6 +59,13 @@ class TaskRun(models.Model):
     status_reason = models.TextField(blank=True, default="")
     parent_id = models.BigIntegerField(null=True, blank=True)
     workflow_id = models.BigIntegerField(null=True, blank=True)
+    # Workflows (reproq.workflows): a run WAITING for `pending_deps` upstream runs to succeed
+    # (run_after = 9999-12-31 until then); `receives` says whether it gets their return values
+    # ("result": the one upstream's, "results": a list in group order) as its first argument.
+    # `has_dependents` marks an upstream: its final state releases or cancels its dependents.
+    pending_deps = models.IntegerField(default=0, db_default=0)
+    has_dependents = models.BooleanField(default=False, db_default=False)
+    receives = models.CharField(max_length=8, blank=True, default="", db_default="")
     code_ref = models.TextField(blank=True, default="")
     pip_lock_hash = models.TextField(blank=True, default="")
 
@@ -97,10 +104,29 @@ class TaskRun(models.Model):
                                    name="reproq_runs_attempts_nonnegative"),
             models.CheckConstraint(condition=Q(timeout_seconds__gte=1),
                                    name="reproq_runs_timeout_positive"),
+            models.CheckConstraint(condition=Q(pending_deps__gte=0),
+                                   name="reproq_runs_pending_deps_nonnegative"),
+            models.CheckConstraint(condition=Q(receives__in=["", "result", "results"]),
+                                   name="reproq_runs_receives_valid"),
         ]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.task_path} [{self.status}]"
+
+
+class RunEdge(models.Model):
+    """One dependency of a workflow: `downstream_id` waits for `upstream_id` (position: the
+    upstream's place in its group, the order of the results a chord callback receives)."""
+
+    upstream_id = models.BigIntegerField()
+    downstream_id = models.BigIntegerField()
+    position = models.IntegerField(default=0)
+
+    class Meta:
+        db_table = "reproq_run_edges"
+        constraints = [models.UniqueConstraint(fields=["upstream_id", "downstream_id"],
+                                               name="reproq_edge_once")]
+        indexes = [models.Index(fields=["downstream_id", "position"], name="reproq_edges_down")]
 
 
 class Worker(models.Model):

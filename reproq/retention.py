@@ -5,7 +5,8 @@ A run is prunable when it is finished (SUCCESSFUL, FAILED, CANCELLED or EXPIRED)
 ``finished_at`` lies more than ``keep_seconds`` in the past; filters narrow that by state, queue
 and task path. Deletes go oldest first in batches (one statement and one short transaction
 each, ``FOR UPDATE SKIP LOCKED``), so pruning never holds many locks or blocks a claim. A run
-without ``finished_at`` (written by hand) is never pruned. The runtime also deletes cron
+without ``finished_at`` (written by hand) is never pruned, nor a finished workflow step whose
+dependents still wait for it (they need its result). The runtime also deletes cron
 schedule ticks scheduled before the retention that lie behind their schedule's
 ``next_run_at`` (`aprune_ticks`).
 """
@@ -86,7 +87,7 @@ def prune(which: PruneFilter, database: str = "default", batch: int = DEFAULT_BA
     while max_batches is None or batches < max_batches:
         with transaction.atomic(using=database), connections[database].cursor() as cursor:
             cursor.execute(sql.PRUNE_RUNS, which.params(limit))
-            deleted = max(int(cursor.rowcount), 0)
+            deleted = int(cursor.fetchone()[0])
         total += deleted
         batches += 1
         if progress is not None and deleted:
@@ -104,7 +105,8 @@ async def aprune(pool: Any, which: PruneFilter, batch: int = DEFAULT_BATCH,
     for _ in range(max_batches):
         async with pool.connection() as conn:
             cur = await conn.execute(sql.PRUNE_RUNS, which.params(limit))
-            deleted = max(int(cur.rowcount), 0)
+            row = await cur.fetchone()
+            deleted = int(row["deleted"] if isinstance(row, dict) else row[0])
         total += deleted
         if deleted < limit:
             break

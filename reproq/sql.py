@@ -613,7 +613,8 @@ SELECT (SELECT count(*) FROM up) AS promoted,
        (SELECT array_agg(DISTINCT queue_name) FROM up) AS queues,
        (SELECT n FROM notified) AS notified,
        (SELECT extract(epoch FROM min(run_after))::float8 FROM reproq_task_runs
-        WHERE status = 'WAITING' AND NOT blocked AND run_after > now()) AS next_due
+        WHERE status = 'WAITING' AND NOT blocked AND run_after > now()
+          AND pending_deps = 0) AS next_due
 """
 
 # Safety net for parked runs: create missing semaphore rows and wake blocked runs whose key has
@@ -704,19 +705,31 @@ WHERE id IN (SELECT id FROM reproq_events
 # Finished runs past their retention, oldest first, at most %(limit)s per statement (see
 # `reproq.retention`). NULL filters mean "any". Rows locked elsewhere are left for the next pass.
 _PRUNABLE = """
-    SELECT id FROM reproq_task_runs
-    WHERE finished_at IS NOT NULL
-      AND finished_at < now() - make_interval(secs => %(keep)s)
-      AND status = ANY(%(states)s::text[])
-      AND (%(queues)s::text[] IS NULL OR queue_name = ANY(%(queues)s::text[]))
-      AND (%(tasks)s::text[] IS NULL OR task_path = ANY(%(tasks)s::text[]))
-    ORDER BY finished_at
+    SELECT r.id FROM reproq_task_runs r
+    WHERE r.finished_at IS NOT NULL
+      AND r.finished_at < now() - make_interval(secs => %(keep)s)
+      AND r.status = ANY(%(states)s::text[])
+      AND (%(queues)s::text[] IS NULL OR r.queue_name = ANY(%(queues)s::text[]))
+      AND (%(tasks)s::text[] IS NULL OR r.task_path = ANY(%(tasks)s::text[]))
+      AND NOT (r.has_dependents AND EXISTS (
+          SELECT 1 FROM reproq_run_edges e JOIN reproq_task_runs d ON d.id = e.downstream_id
+          WHERE e.upstream_id = r.id AND d.status = 'WAITING'))
+    ORDER BY r.finished_at
     LIMIT %(limit)s
 """
+# A workflow step still waiting keeps its finished upstream runs (it needs their results); the
+# edges of a pruned upstream run go with it.
 PRUNE_RUNS = f"""
 WITH doomed AS ({_PRUNABLE}    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM reproq_task_runs t USING doomed d WHERE t.id = d.id
+    RETURNING t.id, t.has_dependents
+), unlinked AS (
+    DELETE FROM reproq_run_edges e USING gone g
+    WHERE g.has_dependents AND e.upstream_id = g.id
+    RETURNING 1
 )
-DELETE FROM reproq_task_runs t USING doomed d WHERE t.id = d.id
+SELECT (SELECT count(*) FROM gone) AS deleted, (SELECT count(*) FROM unlinked) AS edges
 """
 COUNT_PRUNABLE = f"SELECT count(*) AS n FROM ({_PRUNABLE}) p"
 

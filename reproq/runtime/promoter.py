@@ -67,9 +67,10 @@ class Promoter:
                 wait = min(wait, max(self.next_due - time.time(), 0.0))
             with anyio.move_on_after(wait):
                 await self._wake.wait()
-            # a 'w:' note or a retry may have arrived for a time still in the future
-            while self.next_due is not None and self.next_due > time.time():
+            # a 'w:' note or a retry may have arrived for a time still in the future; the
+            # fallback look comes at least every POLL_FALLBACK_SECONDS all the same
+            fallback_at = time.time() + rt.settings.poll_fallback_seconds
+            while self.next_due is not None and time.time() < min(self.next_due, fallback_at):
                 self._wake = anyio.Event()
-                with anyio.move_on_after(min(self.next_due - time.time(),
-                                             rt.settings.poll_fallback_seconds)):
+                with anyio.move_on_after(min(self.next_due, fallback_at) - time.time()):
                     await self._wake.wait()
