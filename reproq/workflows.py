@@ -95,6 +95,12 @@ class _Workflow:
         heads, edges, receives = self._graph()
         return _enqueue(self.steps, heads, edges, receives)
 
+    async def aenqueue(self) -> WorkflowResult:
+        """`enqueue` from async code (through Django's connection, in its sync thread)."""
+        from asgiref.sync import sync_to_async
+
+        return await sync_to_async(self.enqueue, thread_sensitive=True)()
+
 
 class chain(_Workflow):
     """Steps one after another; each receives the previous step's return value first."""

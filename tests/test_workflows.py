@@ -217,3 +217,37 @@ def test_far_off_waits_do_not_stop_the_fallback_promotion():
 
     done = run_with_runtime(body, poll_fallback_seconds=1, queues=["default"])
     assert done.raw_status == "SUCCESSFUL" and done.return_value == 42
+
+
+def test_aenqueue_from_async_code():
+    async def body(rt):
+        wf = await chain(step(tasks.async_add, 20, 1), step(tasks.async_add, 21)).aenqueue()
+        return await wait_for(wf.last.id, timeout=30)
+
+    assert run_with_runtime(body).return_value == 42
+
+
+def test_a_chord_survives_a_sigkilled_worker(cluster):
+    """A member running when its worker is SIGKILLed is reclaimed after its lease and run
+    again elsewhere; the callback is released once, with every member's result."""
+    import signal
+    import time
+
+    wf = chord(group(step(tasks.sleepy, 2), step(tasks.add, 1, 1), step(tasks.add, 2, 2)),
+               step(tasks.echo)).enqueue()
+    first = cluster.start_workers(1, concurrency=3)[0]
+    sleepy = int(wf.ids[0])
+    deadline = time.monotonic() + 30
+    while TaskRun.objects.get(pk=sleepy).status != "RUNNING":
+        assert time.monotonic() < deadline, "the sleepy member never started"
+        time.sleep(0.05)
+    first.signal(signal.SIGKILL)
+    first.proc.wait(timeout=10)
+    cluster.children.remove(first)  # dead on purpose: not checked for liveness any more
+    cluster.start_workers(1, concurrency=3)
+    wait_all_final([int(i) for i in wf.ids], timeout=60, cluster=cluster)
+    member = default_task_backend.get_result(wf.ids[0])
+    assert member.raw_status == "SUCCESSFUL" and member.attempts == 2
+    last = default_task_backend.get_result(wf.last.id)
+    assert last.raw_status == "SUCCESSFUL" and last.attempts == 1
+    assert last.return_value == {"args": [[2, 2, 4]], "kwargs": {}}
