@@ -186,6 +186,16 @@ _LOCK_OWN_RUNS = """
     FOR UPDATE
 """
 
+# Workflow steps waiting on runs of this batch: locked in id order before the batch is written,
+# so that the release trigger (reproq.workflows) of two concurrent batches whose runs feed the
+# same steps in crossing orders cannot deadlock on them.
+_LOCK_DEPENDENTS = """
+    SELECT d.id FROM reproq_run_edges e JOIN reproq_task_runs d ON d.id = e.downstream_id
+    WHERE e.upstream_id IN (SELECT id FROM own) AND d.status = 'WAITING'
+    ORDER BY d.id
+    FOR UPDATE OF d
+"""
+
 _NOTIFY_READY_QUEUES = f"""
     SELECT count(pg_notify('{CHANNEL}', 'r:' || q)) AS n
     FROM (SELECT DISTINCT queue_name AS q FROM {{source}} WHERE status = 'READY') d
@@ -452,6 +462,8 @@ WITH input AS (
     {_LOCK_OWN_RUNS}
 ), sem_locks AS MATERIALIZED (
     {_LOCK_SEMAPHORES.format(keys=_SEMS_OF_INPUT)}
+), dep_locks AS MATERIALIZED (
+    {_LOCK_DEPENDENTS}
 ), done AS (
     UPDATE reproq_task_runs t SET
         status = CASE WHEN t.cancel_requested AND u.status IN ('READY', 'WAITING', 'FAILED')
@@ -477,6 +489,7 @@ WITH input AS (
     FROM input u
     WHERE t.id = u.id AND t.id IN (SELECT id FROM own)
       AND t.status = 'RUNNING' AND t.lease_owner = %(worker)s
+      AND (SELECT count(*) FROM dep_locks) >= 0  -- lock the dependents first, in id order
     RETURNING t.id, t.status, t.queue_name, t.run_after
 ), notified AS (
     SELECT count(pg_notify('{CHANNEL}', payload)) AS n FROM (

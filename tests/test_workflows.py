@@ -16,7 +16,7 @@ from reproq.exceptions import InvalidEnqueue
 from reproq.models import RunEdge, TaskRun
 from reproq.workflows import chain, chord, group, step
 from tests.runtime_helpers import run_with_runtime, wait_for
-from tests.test_flow import Cluster, wait_all_final
+from tests.test_flow import Cluster, assert_clean_stop, wait_all_final
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -161,6 +161,7 @@ def test_many_chords_finished_by_three_processes_release_each_callback_once(clus
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM reproq_task_runs WHERE pending_deps <> 0")
         assert cursor.fetchone()[0] == 0
+    assert_clean_stop(cluster)  # no deadlock, no crash, no traceback in any worker's log
 
 
 @pytest.mark.parametrize(("build", "message"), [
