@@ -5,6 +5,7 @@
     chain(step(fetch, url), step(parse), step(store)).enqueue()    # parse(<fetch's result>)
     group(step(resize, 1), step(resize, 2)).enqueue()               # side by side
     chord(group(step(resize, 1), step(resize, 2)), step(notify)).enqueue()  # notify([r1, r2])
+    chain(step(a), group(step(b), chain(step(c), step(d))), step(e)).enqueue()  # e([b, d])
 
 Every run of a workflow is written in one transaction (the caller's, when there is one): the
 first steps READY, the others WAITING with ``pending_deps`` upstream runs to wait for
@@ -33,6 +34,7 @@ from .exceptions import InvalidEnqueue
 from .results import ReproqTaskResult
 
 MAX_STEPS = 10_000
+MAX_EDGES = 100_000
 # run_after of a step waiting for its upstream runs: never due by time (the promoter leaves it
 # alone), and still a datetime Python can read. The release sets it to the release time.
 UNTIL_RELEASED = "9999-12-31 00:00:00+00"
@@ -75,7 +77,7 @@ class WorkflowResult:
 
     @property
     def last(self) -> ReproqTaskResult:
-        """The final step (a chain's last step, a chord's callback)."""
+        """The last step given (a chain's last step, a chord's callback)."""
         return self.results[-1]
 
     def refresh(self) -> list[ReproqTaskResult]:
@@ -84,16 +86,44 @@ class WorkflowResult:
         return self.results
 
 
-class _Workflow:
-    steps: list[Step]
+@dataclass
+class Graph:
+    """A workflow flattened: its steps, the steps that start it (entries) and end it (exits),
+    the edges (upstream, downstream, position) and what each dependent step receives."""
 
-    def _graph(self) -> tuple[list[int], list[tuple[int, int, int]], dict[int, str]]:
-        """(heads, edges (upstream, downstream, position), receives by step index)."""
+    steps: list[Step]
+    entries: list[int]
+    exits: list[int]
+    edges: list[tuple[int, int, int]] = field(default_factory=list)
+    receives: dict[int, str] = field(default_factory=dict)
+
+    def shifted(self, offset: int) -> Graph:
+        return Graph(self.steps, [i + offset for i in self.entries],
+                     [i + offset for i in self.exits],
+                     [(u + offset, d + offset, p) for u, d, p in self.edges],
+                     {i + offset: r for i, r in self.receives.items()})
+
+
+def _graph_of(value: Any, where: str) -> Graph:
+    if isinstance(value, _Workflow):
+        return value.graph()
+    return Graph([_as_step(value, where)], [0], [0])
+
+
+class _Workflow:
+    def graph(self) -> Graph:
         raise NotImplementedError
 
+    @property
+    def steps(self) -> list[Step]:
+        return self.graph().steps
+
     def enqueue(self) -> WorkflowResult:
-        heads, edges, receives = self._graph()
-        return _enqueue(self.steps, heads, edges, receives)
+        g = self.graph()
+        if len(g.edges) > MAX_EDGES:
+            raise InvalidEnqueue(f"a workflow has at most {MAX_EDGES} dependencies, got "
+                                 f"{len(g.edges)}")
+        return _enqueue(g.steps, g.entries, g.edges, g.receives)
 
     async def aenqueue(self) -> WorkflowResult:
         """`enqueue` from async code (through Django's connection, in its sync thread)."""
@@ -103,47 +133,74 @@ class _Workflow:
 
 
 class chain(_Workflow):
-    """Steps one after another; each receives the previous step's return value first."""
+    """Parts one after another (steps, groups, chains). A step after a single step receives its
+    return value first; a step after a group receives the list of the group's values."""
 
-    def __init__(self, *steps: Any, pass_results: bool = True) -> None:
-        if len(steps) < 1:
+    def __init__(self, *parts: Any, pass_results: bool = True) -> None:
+        if len(parts) < 1:
             raise InvalidEnqueue("chain() needs at least one step")
-        self.steps = [_as_step(s, f"chain step {i + 1}") for i, s in enumerate(steps)]
+        self.parts = [_graph_of(p, f"chain step {i + 1}") for i, p in enumerate(parts)]
         self.pass_results = bool(pass_results)
 
-    def _graph(self) -> tuple[list[int], list[tuple[int, int, int]], dict[int, str]]:
-        edges = [(i, i + 1, 0) for i in range(len(self.steps) - 1)]
-        receives = {i + 1: "result" for i in range(len(self.steps) - 1)} \
-            if self.pass_results else {}
-        return [0], edges, receives
+    def graph(self) -> Graph:
+        out = self.parts[0].shifted(0)
+        out.steps = list(out.steps)
+        for part in self.parts[1:]:
+            nxt = part.shifted(len(out.steps))
+            what = "result" if len(out.exits) == 1 else "results"
+            for entry in nxt.entries:
+                out.edges += [(up, entry, pos) for pos, up in enumerate(out.exits)]
+                if self.pass_results:
+                    out.receives[entry] = what
+            out.steps += nxt.steps
+            out.edges += nxt.edges
+            out.receives.update(nxt.receives)
+            out.exits = nxt.exits
+        return out
 
 
 class group(_Workflow):
-    """Steps side by side, all READY at once."""
+    """Parts side by side (steps or chains), all started at once."""
 
-    def __init__(self, *steps: Any) -> None:
-        if len(steps) < 1:
+    def __init__(self, *parts: Any) -> None:
+        if len(parts) < 1:
             raise InvalidEnqueue("group() needs at least one step")
-        self.steps = [_as_step(s, f"group step {i + 1}") for i, s in enumerate(steps)]
+        self.parts = [_graph_of(p, f"group step {i + 1}") for i, p in enumerate(parts)]
 
-    def _graph(self) -> tuple[list[int], list[tuple[int, int, int]], dict[int, str]]:
-        return list(range(len(self.steps))), [], {}
+    def graph(self) -> Graph:
+        out = Graph([], [], [])
+        for part in self.parts:
+            nxt = part.shifted(len(out.steps))
+            out.steps += nxt.steps
+            out.entries += nxt.entries
+            out.exits += nxt.exits
+            out.edges += nxt.edges
+            out.receives.update(nxt.receives)
+        return out
 
 
-class chord(_Workflow):
-    """A group, then a callback once every step of the group succeeded; the callback receives
-    the list of their return values (group order) first."""
+class chord(chain):
+    """A group, then a callback (a step or a chain) once every part of the group succeeded; the
+    callback receives the list of their return values (group order) first."""
 
     def __init__(self, header: group, callback: Any, *, pass_results: bool = True) -> None:
         if not isinstance(header, group):
             raise InvalidEnqueue(f"chord() takes a group() first, got {type(header).__name__}")
-        self.steps = [*header.steps, _as_step(callback, "chord callback")]
-        self.pass_results = bool(pass_results)
+        _graph_of(callback, "chord callback")  # the error names the callback
+        super().__init__(header, callback, pass_results=pass_results)
+        if len(self.parts[0].exits) == 1:
+            # A group of one still hands on a list, as every chord does.
+            entries = self.parts[1].entries
+            self._one_member_entries = [e + len(self.parts[0].steps) for e in entries]
+        else:
+            self._one_member_entries = []
 
-    def _graph(self) -> tuple[list[int], list[tuple[int, int, int]], dict[int, str]]:
-        last = len(self.steps) - 1
-        edges = [(i, last, i) for i in range(last)]
-        return list(range(last)), edges, ({last: "results"} if self.pass_results else {})
+    def graph(self) -> Graph:
+        out = super().graph()
+        if self.pass_results:
+            for entry in self._one_member_entries:
+                out.receives[entry] = "results"
+        return out
 
 
 # One statement after the runs are inserted (same transaction, so no worker saw them yet):

@@ -171,6 +171,9 @@ def test_many_chords_finished_by_three_processes_release_each_callback_once(clus
     (lambda: chord(step(tasks.add, 1, 2), step(tasks.echo)), "chord() takes a group() first"),
     (lambda: chord(group(tasks.add), 42), "chord callback: expected step"),
     (lambda: step(print), "a workflow step needs a @task"),
+    (lambda: chain(step(tasks.add, 1, 2), group(tasks.add, None)), "group step 2: expected"),
+    (lambda: chain(group(*[tasks.add] * 400), group(*[tasks.add] * 400)).enqueue(),
+     "a workflow has at most 100000 dependencies, got 160000"),
     (lambda: chain(step(tasks.add, 1, 2), step(tasks.add, object())).enqueue(),
      "cannot round-trip through JSON"),
     (lambda: chain(step(tasks.add, 1, 2), step(tasks.add, 1, run_after=timedelta(seconds=5)))
@@ -252,3 +255,27 @@ def test_a_chord_survives_a_sigkilled_worker(cluster):
     last = default_task_backend.get_result(wf.last.id)
     assert last.raw_status == "SUCCESSFUL" and last.attempts == 1
     assert last.return_value == {"args": [[2, 2, 4]], "kwargs": {}}
+
+
+def test_nested_workflows_fan_out_and_back_in():
+    """chain(a, group(b, chain(c, d)), e): b and c get a's value, d gets c's, e gets [b, d];
+    a chord over a group of one still hands on a list."""
+    wf = chain(
+        step(tasks.add, 1, 1),                                         # 2
+        group(step(tasks.add, 10), chain(step(tasks.add, 100), step(tasks.add, 1000))),
+        step(tasks.echo, "end"),                                       # echo([12, 1102], "end")
+    ).enqueue()
+    assert [r.raw_status for r in wf.results] == ["READY"] + ["WAITING"] * 4
+    one = chord(group(step(tasks.add, 5, 5)), step(tasks.echo)).enqueue()
+
+    async def body(rt):
+        return [await wait_for(wf.last.id, timeout=30), await wait_for(one.last.id, timeout=30)]
+
+    last, single = run_with_runtime(body)
+    assert [default_task_backend.get_result(i).return_value for i in wf.ids[:4]] == [
+        2, 12, 102, 1102]
+    assert last.return_value == {"args": [[12, 1102], "end"], "kwargs": {}}
+    assert single.return_value == {"args": [[10]], "kwargs": {}}
+    edges = set(RunEdge.objects.filter(downstream_id=int(wf.ids[4]))
+                .values_list("upstream_id", "position"))
+    assert edges == {(int(wf.ids[1]), 0), (int(wf.ids[3]), 1)}
