@@ -100,16 +100,6 @@ def assert_clean_stop(cluster: Cluster) -> None:
     assert not [line for line in BAD_LOG_LINES if line in logs], cluster.logs()
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    harness = Cluster(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.stop_all()
-        print(harness.logs())  # shown by pytest only when the test failed
-
-
 def backend():
     return default_task_backend
 

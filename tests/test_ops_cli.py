@@ -166,22 +166,24 @@ def test_the_runtime_catches_up_on_a_backlog_sooner_than_its_reclaim_interval(mo
     assert ids() == {young.pk}
 
 
-def test_async_prune_goes_oldest_first_in_bounded_steps():
+def old_copies_of_the_run(run_id: int, n: int) -> None:
+    """`n` copies of one run, finished 2 days ago plus 1..n seconds (one INSERT ... SELECT)."""
     from django.db import connection
 
-    keep = make_run("SUCCESSFUL")  # finished now: a template row, copied in SQL below
+    columns = ("task_path, queue_name, priority, status, sort_key, args, kwargs, enqueued_at, "
+               "run_after, attempts, max_attempts, timeout_seconds, worker_ids, errors, "
+               "metadata, blocked, cancel_requested, status_reason, backend_alias, code_ref, "
+               "pip_lock_hash")
     with connection.cursor() as cursor:
-        cursor.execute("""
-            INSERT INTO reproq_task_runs (task_path, queue_name, priority, status, sort_key, args,
-                kwargs, enqueued_at, run_after, attempts, max_attempts, timeout_seconds,
-                worker_ids, errors, metadata, blocked, cancel_requested, status_reason,
-                backend_alias, code_ref, pip_lock_hash, finished_at)
-            SELECT task_path, queue_name, priority, status, sort_key, args, kwargs, enqueued_at,
-                run_after, attempts, max_attempts, timeout_seconds, worker_ids, errors, metadata,
-                blocked, cancel_requested, status_reason, backend_alias, code_ref, pip_lock_hash,
-                now() - interval '2 days' - g * interval '1 second'
-            FROM reproq_task_runs, generate_series(1, 100) g
-        """)
+        cursor.execute(
+            f"INSERT INTO reproq_task_runs ({columns}, finished_at) "
+            f"SELECT {columns}, now() - interval '2 days' - g * interval '1 second' "
+            "FROM reproq_task_runs, generate_series(1, %s) g WHERE id = %s", [n, run_id])
+
+
+def test_async_prune_goes_oldest_first_in_bounded_steps():
+    keep = make_run("SUCCESSFUL")  # finished now: a template row, copied in SQL below
+    old_copies_of_the_run(keep.pk, 100)
     by_age = list(TaskRun.objects.exclude(pk=keep.pk).order_by("finished_at")
                   .values_list("pk", flat=True))
 
@@ -209,21 +211,8 @@ def test_async_prune_goes_oldest_first_in_bounded_steps():
 
 
 def test_concurrent_prunes_share_the_work_without_waiting_on_each_other():
-    from django.db import connection
-
-    make_run("SUCCESSFUL")  # finished now: a template row, kept
-    with connection.cursor() as cursor:
-        cursor.execute("""
-            INSERT INTO reproq_task_runs (task_path, queue_name, priority, status, sort_key, args,
-                kwargs, enqueued_at, run_after, attempts, max_attempts, timeout_seconds,
-                worker_ids, errors, metadata, blocked, cancel_requested, status_reason,
-                backend_alias, code_ref, pip_lock_hash, finished_at)
-            SELECT task_path, queue_name, priority, status, sort_key, args, kwargs, enqueued_at,
-                run_after, attempts, max_attempts, timeout_seconds, worker_ids, errors, metadata,
-                blocked, cancel_requested, status_reason, backend_alias, code_ref, pip_lock_hash,
-                now() - interval '2 days' - g * interval '1 second'
-            FROM reproq_task_runs, generate_series(1, 3000) g
-        """)
+    keep = make_run("SUCCESSFUL")  # finished now: a template row, kept
+    old_copies_of_the_run(keep.pk, 3000)
 
     async def four_processes():
         pools = [db.make_pool("default", 1, f"test-prune-{i}") for i in range(4)]

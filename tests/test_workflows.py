@@ -16,7 +16,7 @@ from reproq.exceptions import InvalidEnqueue
 from reproq.models import RunEdge, TaskRun
 from reproq.workflows import chain, chord, group, step
 from tests.runtime_helpers import run_with_runtime, wait_for
-from tests.test_flow import Cluster, assert_clean_stop, wait_all_final
+from tests.test_flow import assert_clean_stop, wait_all_final
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -135,16 +135,6 @@ def test_a_waiting_step_never_runs_before_its_upstream(tmp_path):
     done = [default_task_backend.get_result(i) for i in wf.ids]
     assert done[1].started_at >= done[0].finished_at
     assert done[1].return_value == {"args": [1.5], "kwargs": {}}  # sleepy returns its seconds
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    harness = Cluster(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.stop_all()
-        print(harness.logs())
 
 
 def test_many_chords_finished_by_three_processes_release_each_callback_once(cluster):
