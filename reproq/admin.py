@@ -23,9 +23,12 @@ from .dashboard.adminkit import (
     search_runs,
 )
 from .models import PeriodicTask, QueueControl, RateLimit, TaskRun, Worker
+from .storedjson import Undecodable
 
 
 def _pretty(value: Any) -> str:
+    if isinstance(value, Undecodable):  # JSON PostgreSQL holds but Python cannot load
+        return format_html("<pre>{}</pre>", value.preview())
     return format_html("<pre>{}</pre>", json.dumps(value, indent=2, ensure_ascii=False,
                                                    default=str))
 

@@ -26,7 +26,7 @@ from django.tasks.signals import task_enqueued
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import batch, djcursor, payload, sql
+from . import batch, djcursor, payload, sql, storedjson
 from .batch import EnqueueSpec
 from .concurrency import resolve_key, rule_for
 from .conf import (
@@ -485,7 +485,9 @@ class ReproqBackend(BaseTaskBackend):
         return self._row_to_result(row, load=None)
 
     def _task_for_row(self, row: dict[str, Any]) -> Task:
-        deferred = row["run_after"] if row["run_after"] > row["enqueued_at"] else None
+        run_after, enqueued_at = row["run_after"], row["enqueued_at"]
+        deferred = (run_after if run_after is not None and enqueued_at is not None
+                    and run_after > enqueued_at else None)
         try:
             task = import_string(row["task_path"])
         except Exception:
@@ -571,11 +573,12 @@ JSON_COLUMNS = frozenset({"args", "kwargs", "worker_ids", "errors", "return_valu
 
 
 def _dict_rows(cursor: Any) -> list[dict[str, Any]]:
-    """Rows of a Django cursor as dicts; Django hands jsonb over as text, so parse it here."""
+    """Rows of a Django cursor as dicts; Django hands jsonb over as text, so parse it here (JSON
+    Python cannot load stays text, as `storedjson.Undecodable`: such a run is still shown)."""
     names = [col[0] for col in cursor.description]
     rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
     for row in rows:
         for name in JSON_COLUMNS.intersection(row):
             if isinstance(row[name], str):
-                row[name] = json.loads(row[name])
+                row[name] = storedjson.loads(row[name])
     return rows

@@ -183,6 +183,8 @@ class RuntimeSettings:
     yield_max_wait_seconds: float = 0.05  # ... for at most this long per wait (<= 1)
     yield_claim_batch: int = 4  # while requests arrive: at most this many runs per claim
     gc_freeze: bool = True  # collect once at start, then gc.freeze() the startup heap
+    crash_loop_restarts: int = 5  # this many restarts of one service ...
+    crash_loop_seconds: float = 60.0  # ... within this window: /healthz says degraded (503)
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -215,6 +217,8 @@ _RUNTIME_KINDS: dict[str, str] = {
     "yield_max_wait_seconds": "posnum",
     "yield_claim_batch": "posint",
     "gc_freeze": "bool",
+    "crash_loop_restarts": "posint",
+    "crash_loop_seconds": "posnum",
 }
 
 _HINTS = {

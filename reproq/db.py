@@ -16,12 +16,20 @@ import psycopg
 from django.db import connections
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
+
+from . import storedjson
 
 
 class CountingConnection(psycopg.AsyncConnection):
     """An AsyncConnection that counts statements by name (see `reproq.sql.name_of`), so tests
-    and metrics can state how many statements each operation costs."""
+    and metrics can state how many statements each operation costs. Its json/jsonb loader keeps
+    JSON that Python cannot load as text (`reproq.storedjson`) instead of failing the fetch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        set_json_loads(storedjson.loads, self)
 
     async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         from .sql import name_of

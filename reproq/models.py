@@ -13,9 +13,26 @@ from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Now
 
+from . import storedjson
 from .states import ACTIVE, RawStatus
 
 ACTIVE_Q = Q(status__in=[s.value for s in ACTIVE])
+
+
+class StoredJSONField(models.JSONField):
+    """A JSONField that reads JSON Python cannot load (rows written by hand) as its text, marked
+    `storedjson.Undecodable`, so the admin and other ORM readers show such a row instead of a
+    500. Migrations see a plain JSONField: the column is the same."""
+
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> Any:
+        try:
+            return super().from_db_value(value, expression, connection)
+        except (ValueError, RecursionError) as exc:
+            return storedjson.Undecodable(value, storedjson.reason_of(exc))
+
+    def deconstruct(self) -> Any:
+        name, _path, args, kwargs = super().deconstruct()
+        return name, "django.db.models.JSONField", args, kwargs
 
 
 class TaskRun(models.Model):
@@ -29,8 +46,8 @@ class TaskRun(models.Model):
     status = models.CharField(max_length=10, choices=RawStatus.choices, default=RawStatus.READY)
     # Claim order: microseconds since the epoch of eligibility minus priority x aging factor.
     sort_key = models.BigIntegerField()
-    args = models.JSONField(default=list)
-    kwargs = models.JSONField(default=dict)
+    args = StoredJSONField(default=list)
+    kwargs = StoredJSONField(default=dict)
     spec_hash = models.CharField(max_length=64, null=True, blank=True)
     enqueued_at = models.DateTimeField()
     run_after = models.DateTimeField()
@@ -42,10 +59,10 @@ class TaskRun(models.Model):
     timeout_seconds = models.IntegerField(default=900)
     lease_owner = models.CharField(max_length=64, null=True, blank=True)
     leased_until = models.DateTimeField(null=True, blank=True)
-    worker_ids = models.JSONField(default=list)
-    errors = models.JSONField(default=list)
-    return_value = models.JSONField(null=True, blank=True)
-    metadata = models.JSONField(default=dict)
+    worker_ids = StoredJSONField(default=list)
+    errors = StoredJSONField(default=list)
+    return_value = StoredJSONField(null=True, blank=True)
+    metadata = StoredJSONField(default=dict)
     lock_key = models.TextField(null=True, blank=True)
     concurrency_key = models.TextField(null=True, blank=True)
     concurrency_limit = models.IntegerField(null=True, blank=True)
@@ -220,8 +237,8 @@ class PeriodicTask(models.Model):
     cron_expr = models.CharField(max_length=120)
     timezone = models.CharField(max_length=64, blank=True, default="")
     task_path = models.TextField()
-    args = models.JSONField(default=list, blank=True)
-    kwargs = models.JSONField(default=dict, blank=True)
+    args = StoredJSONField(default=list, blank=True)
+    kwargs = StoredJSONField(default=dict, blank=True)
     queue_name = models.CharField(max_length=64, default="default")
     priority = models.SmallIntegerField(default=0)
     max_attempts = models.IntegerField(null=True, blank=True)

@@ -16,11 +16,23 @@ from __future__ import annotations
 CHANNEL = "reproq"
 ACTIVE_SQL = "('READY', 'WAITING', 'RUNNING')"
 
+# Times a Python datetime can hold in any session time zone (PostgreSQL's range is wider, and
+# holds ±infinity): a time outside it, in a row written by hand, reads as NULL instead of failing
+# the driver's load of the whole result.
+PY_TIME_RANGE = "'0001-01-02 00:00:00+00' AND '9999-12-30 23:59:59.999999+00'"
+
+
+def _py_time(column: str) -> str:
+    return f"CASE WHEN {column} BETWEEN {PY_TIME_RANGE} THEN {column} END AS {column}"
+
+
 RESULT_COLUMNS = (
-    "id, backend_alias, task_path, queue_name, priority, status, args, kwargs, enqueued_at, "
-    "run_after, started_at, last_attempted_at, finished_at, attempts, max_attempts, worker_ids, "
-    "errors, return_value, metadata, status_reason, lease_owner, leased_until, cancel_requested, "
-    "expires_at, lock_key, concurrency_key, concurrency_limit, timeout_seconds"
+    "id, backend_alias, task_path, queue_name, priority, status, args, kwargs, "
+    + ", ".join(_py_time(c) for c in ("enqueued_at", "run_after", "started_at",
+                                      "last_attempted_at", "finished_at"))
+    + ", attempts, max_attempts, worker_ids, errors, return_value, metadata, status_reason, "
+    "lease_owner, " + _py_time("leased_until") + ", cancel_requested, "
+    + _py_time("expires_at") + ", lock_key, concurrency_key, concurrency_limit, timeout_seconds"
 )
 
 # Columns every new run is inserted with (enqueue, the beat's ticks, pg_cron jobs), in order.
@@ -202,8 +214,10 @@ _NOTIFY_READY_QUEUES = f"""
 """
 
 def _epoch_us(column: str) -> str:
-    """A timestamptz as epoch microseconds (exact); NULL for NULL and for ±infinity."""
-    return (f"CASE WHEN isfinite({column}) "
+    """A timestamptz as epoch microseconds (exact); NULL for NULL, for ±infinity and for any
+    time outside Python's datetime range (PY_TIME_RANGE; PostgreSQL's reaches year 294276, whose
+    microseconds overflow bigint): a row written by hand must never fail a whole claim."""
+    return (f"CASE WHEN {column} BETWEEN {PY_TIME_RANGE} "
             f"THEN (extract(epoch FROM {column}) * 1000000)::bigint END")
 
 
@@ -212,8 +226,12 @@ def _epoch_us(column: str) -> str:
 # runs, not for a plain run) comes in forms that cost nothing to receive: timestamps as epoch
 # microseconds, JSON as text; `reproq.runtime.claimer.run_details` turns them into values when
 # needed. Parsing them for every row was about a tenth of a worker's CPU on a no-op drain. The
-# queue wait (the metric) is computed here.
-_CLAIM_RETURNING = f"""t.id, t.task_path, t.queue_name, t.priority, t.status, t.args, t.kwargs,
+# queue wait (the metric) is computed here. args and kwargs come as text too, decoded row by row
+# by the executor (`reproq.runtime.executor.load_row`): PostgreSQL accepts JSON that Python
+# cannot load (nesting ~1,000 deep, a number of 5,000 digits), and a driver-side jsonb loader
+# would fail the whole batch's fetch on one such row, stranding the runs claimed beside it.
+_CLAIM_RETURNING = f"""t.id, t.task_path, t.queue_name, t.priority, t.status,
+              t.args::text AS args_json, t.kwargs::text AS kwargs_json,
               t.attempts, t.max_attempts, t.timeout_seconds, t.cancel_requested,
               {_epoch_us("t.enqueued_at")} AS enqueued_at_us,
               {_epoch_us("t.run_after")} AS run_after_us,

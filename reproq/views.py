@@ -40,7 +40,9 @@ async def healthz(request: HttpRequest) -> JsonResponse:
         why = runtime.get("error") or ("AUTOSTART is off" if not rs.autostart
                                        else "no lifespan startup or request has started it")
         reasons.append(f"runtime {runtime['state']} in this process: {why}")
+    reasons.extend(f"degraded: {why}" for why in runtime.get("degraded_reasons") or ())
     body = {"ok": not reasons, "reasons": reasons, "database": db_ok,
             "runtime": {k: runtime.get(k) for k in ("state", "via", "worker_id", "queues",
-                                                    "running", "crashes", "listening")}}
+                                                    "running", "crashes", "degraded",
+                                                    "listening")}}
     return JsonResponse(body, status=200 if not reasons else 503)

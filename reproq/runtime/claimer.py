@@ -115,6 +115,33 @@ class Claimer:
         self.claimed += len(rows)
         return rows
 
+    async def _hand_on(self, runnable: list[dict[str, Any]]) -> bool:
+        """Give claimed runs to the executor; True when shutdown began (they go back instead).
+
+        Whatever goes wrong here (the claimer then crashes and is restarted), no claimed run is
+        left RUNNING without a job: those the executor did not take are released at once, their
+        attempt not burned, rather than waiting out a lease to fail as "lost"."""
+        executor = self.runtime.executor
+        try:
+            if self.stopping:
+                await self.runtime.release([int(r["id"]) for r in runnable])
+                return True
+            if runnable:
+                executor.submit(runnable)
+            return False
+        except BaseException:
+            stranded = []
+            for row in runnable:
+                job = executor.running.get(int(row["id"]))
+                if job is None or job.task is None:
+                    executor.running.pop(int(row["id"]), None)
+                    stranded.append(int(row["id"]))
+            if stranded:
+                logger.error("reproq: handing %d claimed runs to the executor failed; "
+                             "releasing them", len(stranded))
+                await self.runtime.release(stranded)
+            raise
+
     async def _gather_slots(self) -> int:
         """A few slots freed while other runs go on: let more free (up to half of them, for at
         most COALESCE_SECONDS) so that one claim fills several; return the free slots."""
@@ -146,11 +173,8 @@ class Claimer:
                     rows = await self.claim_once(want)
                     runnable = [r for r in rows if r["status"] == "RUNNING"]
                     ran = len(runnable)
-                    if self.stopping:
-                        await rt.release([int(r["id"]) for r in runnable])
+                    if await self._hand_on(runnable):
                         return
-                    if runnable:
-                        executor.submit(runnable)
                     rt.note_claimed(rows)
                     full = len(rows) == want
                     if full and ran < want:

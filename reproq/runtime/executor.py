@@ -33,6 +33,7 @@ from django.utils.module_loading import import_string
 from .. import payload
 from ..backend import ReproqBackend
 from ..results import ReproqTaskContext, ReproqTaskResult, copy_task_unvalidated
+from ..storedjson import reason_of
 from .claimer import run_details
 from .outcome import Completion, NonRetryable, failure
 from .threads import DaemonThreadPool
@@ -84,6 +85,31 @@ def resolve_task(task_path: str) -> Task:
         raise NonRetryable(f"{task_path!r} is a {type(obj).__name__}, not a @task") from TypeError(
             f"{task_path!r} is not a django.tasks.Task")
     return obj
+
+
+_TEXT_COLUMNS = (("args", "args_json"), ("kwargs", "kwargs_json"))
+
+
+def load_row(row: dict[str, Any]) -> None:
+    """Decode what a claim returns as text (args, kwargs, then the run details), in place.
+
+    PostgreSQL accepts JSON that Python cannot load (nesting ~1,000 deep, a number of more than
+    4,300 digits) and times Python's datetime cannot hold: such a row, written by SQL or another
+    language, fails alone as `NonRetryable` with a reason naming the column, never its batch.
+    """
+    for name, text_name in _TEXT_COLUMNS:
+        if text_name in row:
+            text = row.pop(text_name)
+            try:
+                row[name] = json.loads(text) if text is not None else None
+            except (ValueError, RecursionError) as exc:
+                raise NonRetryable(f"stored {name} cannot be decoded: {reason_of(exc)}"
+                                   ) from exc
+    try:
+        run_details(row)
+    except (ValueError, RecursionError, OverflowError) as exc:
+        raise NonRetryable(f"stored worker_ids or metadata cannot be decoded: "
+                           f"{reason_of(exc)}") from exc
 
 
 def decode_call(row: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -299,6 +325,10 @@ class Executor:
             return Completion(id=job.id, status="EXPIRED", reason="expired before it started")
         if job.cancel_requested:
             return self._cancelled(job, TaskCancelled("cancelled before it started"))
+        try:
+            load_row(row)
+        except NonRetryable as exc:
+            return self._fail(job, exc, reason=str(exc))
         task = self._tasks.get(row["task_path"])
         if task is None:
             try:

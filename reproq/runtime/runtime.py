@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -95,6 +95,7 @@ class Runtime:
         self.draining = False
         self.state = "created"
         self.crashes: Counter[str] = Counter()
+        self.recent_crashes: dict[str, deque[tuple[float, str]]] = {}  # name: (time, error)
         self.outcomes: Counter[str] = Counter()
         self.started_at: float | None = None
         self.processes: Any = None
@@ -280,8 +281,9 @@ class Runtime:
                 return
             except anyio.get_cancelled_exc_class():
                 raise
-            except Exception:
+            except Exception as exc:
                 self.crashes[name] += 1
+                self._note_crash(name, exc)
                 if time.monotonic() - began > 10:
                     delay = 0.1  # it had been healthy: a one-off error restarts it at once
                 logger.exception("reproq: %s crashed (%d so far); restarting in %.1fs",
@@ -289,9 +291,29 @@ class Runtime:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    def _note_crash(self, name: str, exc: BaseException) -> None:
+        window = self.recent_crashes.setdefault(
+            name, deque(maxlen=self.settings.crash_loop_restarts))
+        window.append((time.monotonic(), type(exc).__name__))
+
+    def degraded(self) -> dict[str, str]:
+        """Services that keep crashing: CRASH_LOOP_RESTARTS restarts within CRASH_LOOP_SECONDS
+        (name: reason). The exception's class is named, never its message (it may quote data)."""
+        rs, now = self.settings, time.monotonic()
+        out: dict[str, str] = {}
+        for name, window in self.recent_crashes.items():
+            span = now - window[0][0]
+            if len(window) >= rs.crash_loop_restarts and span <= rs.crash_loop_seconds:
+                out[name] = (f"{name} restarted {len(window)} times in the last "
+                             f"{span:.0f}s (last error: {window[-1][1]})")
+        return out
+
     def status(self) -> dict[str, Any]:
         """A small health summary for /healthz and the worker command."""
+        degraded = self.degraded()
         return {
+            "degraded": sorted(degraded), "degraded_reasons": [degraded[k] for k in
+                                                               sorted(degraded)],
             "worker_id": self.worker_id, "state": self.state, "queues": list(self.queues),
             "running": len(self.executor.running) if hasattr(self, "executor") else 0,
             "crashes": dict(self.crashes), "outcomes": dict(self.outcomes),
