@@ -171,3 +171,27 @@ def test_times_out_of_pythons_range_written_by_hand_neither_block_a_claim_nor_ge
 
     done = run_with_runtime(body)
     assert [r.raw_status for r in done] == ["SUCCESSFUL"] * 4
+
+
+@pytest.mark.parametrize("kind", ["nul", "surrogate", "metadata", "raise"])
+def test_an_unstorable_result_never_holds_up_the_results_beside_it(kind):
+    """PostgreSQL refuses a NUL or a lone surrogate in jsonb: such an outcome is recorded
+    without it (the run ends, with a reason), and every other result is still recorded."""
+    bad = tasks.unstorable_output.using(priority=10).enqueue(kind)
+    with connection.cursor() as cur:
+        cur.execute("UPDATE reproq_task_runs SET max_attempts = 1 WHERE id = %s", [int(bad.id)])
+    good = [tasks.add.enqueue(i, 1) for i in range(20)]
+
+    async def body(rt: Runtime):
+        first = await wait_for(bad.id, timeout=15)
+        return first, [await wait_for(r.id, timeout=15) for r in good]
+
+    first, done = run_with_runtime(body, concurrency=10)
+    assert [r.raw_status for r in done] == ["SUCCESSFUL"] * 20
+    assert first.raw_status in {"SUCCESSFUL", "FAILED"}
+    assert "lease" not in first.status_reason
+    if kind == "raise":
+        assert first.raw_status == "FAILED"
+        assert "bad \\x00 byte and \\ud800 half a pair" in first.errors[-1].traceback
+    elif kind in {"nul", "surrogate"}:
+        assert first.raw_status == "FAILED" and "cannot be stored" in first.status_reason

@@ -2,19 +2,24 @@
 
 Whatever finishes while a write is in flight goes into the next write, so under load one
 statement records many runs; when idle, a single completion is written at once. A failed write
-is retried with backoff and nothing is dropped (leases cover a process that dies meanwhile).
+is retried with backoff and nothing is dropped (leases cover a process that dies meanwhile);
+an outcome PostgreSQL refuses is isolated and recorded as FAILED (`unstorable`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import psycopg
 
 from .. import sql
 from ..conf import aging_factor_us
-from .outcome import Completion
+from .outcome import Completion, storable_text
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -50,7 +55,7 @@ class Completer:
         while self.pending:
             batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
             try:
-                await self._write(batch)
+                await self._write_isolating(batch)
                 delay = 0.05
             except Exception as exc:
                 self.pending[:0] = batch
@@ -59,6 +64,22 @@ class Completer:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._idle.set()
+
+    async def _write_isolating(self, batch: list[Completion]) -> None:
+        """Write `batch`; when PostgreSQL refuses its data (a NUL or a lone surrogate in a return
+        value or metadata, which jsonb rejects), split it until the refused completion is alone
+        and record that one as FAILED without what was refused, so one bad outcome never holds
+        up the results beside it. Other errors (connection lost) propagate: `flush` retries
+        the whole batch, and COMPLETE skips runs it already recorded."""
+        try:
+            await self._write(batch)
+        except (psycopg.DataError, UnicodeError) as exc:
+            if len(batch) > 1:
+                mid = len(batch) // 2
+                await self._write_isolating(batch[:mid])
+                await self._write_isolating(batch[mid:])
+                return
+            await self._write([unstorable(batch[0], exc)])
 
     async def _write(self, batch: list[Completion]) -> None:
         params: dict[str, Any] = {
@@ -78,6 +99,21 @@ class Completer:
         self.written += len(batch)
         if any(c.status == "WAITING" for c in batch):
             self.runtime.promoter.poke()
+
+
+def unstorable(completion: Completion, exc: BaseException) -> Completion:
+    """The outcome PostgreSQL refused, as a final failure that stores only our own text (the
+    error's SQLSTATE and primary message: never its detail or context, which quote the data)."""
+    diag = getattr(exc, "diag", None)
+    why = (f"{diag.sqlstate} {diag.message_primary}" if diag is not None and diag.sqlstate
+           else type(exc).__name__)
+    reason = storable_text(f"the outcome ({completion.status}) cannot be stored: {why}")
+    logger.error("reproq: run %s: %s; recorded as FAILED", completion.id, reason)
+    error = json.dumps({"exception_class_path": "reproq.runtime.completer.UnstorableOutcome",
+                        "traceback": reason, "attempt": None, "worker_id": "",
+                        "at": datetime.now(UTC).isoformat()})
+    return dataclasses.replace(completion, status="FAILED", return_value=None, error=error,
+                               delay=None, reason=reason, metadata=None)
 
 
 def _column(values: list[Any]) -> list[Any] | None:

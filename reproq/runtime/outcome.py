@@ -47,12 +47,24 @@ class RetryPolicy:
         return max(raw, 0.0)
 
 
+def storable_text(text: str) -> str:
+    """`text` as PostgreSQL's jsonb takes it: NUL and lone surrogates (which Python's json
+    writes as escapes and jsonb refuses) spelled as backslash escapes; other text unchanged."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def error_record(exc: BaseException, attempt: int, worker_id: str) -> dict[str, Any]:
     cause = exc.__cause__ if isinstance(exc, NonRetryable) and exc.__cause__ else exc
     cls = type(cause)
     return {
-        "exception_class_path": f"{cls.__module__}.{cls.__qualname__}",
-        "traceback": "".join(traceback.format_exception(cause)),
+        "exception_class_path": storable_text(f"{cls.__module__}.{cls.__qualname__}"),
+        "traceback": storable_text("".join(traceback.format_exception(cause))),
         "attempt": attempt,
         "worker_id": worker_id,
         "at": datetime.now(UTC).isoformat(),

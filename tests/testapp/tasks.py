@@ -161,3 +161,14 @@ def reports_its_result(context):
         "last_attempted_at": r.last_attempted_at.isoformat(), "worker_ids": r.worker_ids,
         "pre": context.metadata.get("pre"), "aware": r.enqueued_at.utcoffset() is not None,
     }
+
+
+@task(takes_context=True)
+def unstorable_output(context, kind):
+    """Output Python's json writes but PostgreSQL's jsonb refuses (NUL, a lone surrogate)."""
+    if kind == "metadata":
+        context.metadata["m"] = "a\x00b"
+        return 1
+    if kind == "raise":
+        raise ValueError("bad \x00 byte and \ud800 half a pair")
+    return {"nul": "a\x00b", "surrogate": "x\ud800y"}[kind]
