@@ -269,6 +269,12 @@ class Opaque:
         (({1: "a"},), {}, "args[0] key 1", "str"),
         ((), {"d": {"k": {(1, 2): 3}}}, "kwargs['d']['k'] key (1, 2)", "str"),
         (({"k\x00": 1},), {}, "args[0] key", "NUL"),
+        ((), {"a\x00b": 1}, "keyword argument name 'a\\x00b'", "NUL"),
+        (("\ud800",), {}, "args[0]", "surrogate"),
+        (("ok", ["é\udfff"]), {}, "args[1][0]", "surrogate"),
+        ((), {"\ud83d": 1}, "keyword argument name '\\ud83d'", "surrogate"),
+        (({"\udc00": 1},), {}, "args[0] key '\\udc00'", "surrogate"),
+        (({"\ud800"},), {}, "args[0] item", "surrogate"),
         (([1, [2, object()]],), {}, "args[0][1][1]", "object"),
         (((1, object()),), {}, "args[0][1]", "object"),
         (({"a": [None, {"b": float("nan")}]},), {}, "args[0]['a'][1]['b']", "nan"),
@@ -283,6 +289,11 @@ def test_unsupported_values_raise_payload_error_naming_the_argument(args, kwargs
         payload.encode_call(args, kwargs)
     message = assert_payload_error(excinfo, path, why)
     assert "reproq stores" in message  # says what would work
+
+
+def test_text_that_is_valid_unicode_is_accepted_whatever_its_script():
+    for text in ("plain", "héllo", "日本語", "emoji 🎉", "\U0010ffff", "\ufffd", "\ud7ff\ue000"):
+        assert payload.encode_call((text,), {text: text}) == ([text], {text: text})
 
 
 def test_subclasses_of_supported_types_are_rejected():
