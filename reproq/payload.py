@@ -7,11 +7,16 @@ set, frozenset and saved model instances (stored by ``app_label.Model`` and prim
 again when the task runs). Anything else raises `PayloadError` at enqueue, naming the argument;
 so do strings PostgreSQL cannot store (a NUL character, a lone UTF-16 surrogate), in values and in
 dict keys and keyword names alike.
+
+`decode` is strict: a marker object that `encode` could not have written (a row written by hand:
+SQL, pg_cron, another language) raises `PayloadDecodeError` naming where it sits, never a value
+made up from it; the runtime fails such a run as non-retryable.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as dt
 import hashlib
 import json
@@ -19,7 +24,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.tasks.exceptions import InvalidTask
@@ -36,6 +41,10 @@ SUPPORTED = (
 
 class PayloadError(InvalidTask, TypeError):
     """An argument or return value that reproq cannot store faithfully."""
+
+
+class PayloadDecodeError(ValueError):
+    """A stored payload that `encode` could not have written (e.g. a hand-written row)."""
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -150,47 +159,171 @@ def load_model(label: str, pk: Any) -> Any:
     return model._default_manager.get(pk=pk)
 
 
-def decode(value: Any, load: ModelLoader | None = load_model) -> Any:
-    """Invert `encode`. With ``load=None`` model references come back as `ModelRef`."""
+def decode(value: Any, load: ModelLoader | None = load_model, where: str = "payload") -> Any:
+    """Invert `encode`. With ``load=None`` model references come back as `ModelRef`.
+
+    A marker object that `encode` could not have written raises `PayloadDecodeError` naming its
+    place under `where` (e.g. ``payload[0]['file']``); errors of `load` itself (a deleted model
+    instance, an unknown model) come through unchanged.
+    """
+    try:
+        return _decode(value, load)
+    except PayloadDecodeError as exc:
+        located = _locate(value, where)
+        if located is None:  # pragma: no cover - _decode and _locate disagree
+            raise
+        raise PayloadDecodeError(located) from exc
+
+
+def _decode(value: Any, load: ModelLoader | None) -> Any:
     if isinstance(value, list):
-        return [decode(item, load) for item in value]
+        return [_decode(item, load) for item in value]
     if not isinstance(value, dict):
         return value
     kind = value.get(MARK)
     if kind is None:
-        return {key: decode(item, load) for key, item in value.items()}
-    raw = value.get("v")
+        return {key: _decode(item, load) for key, item in value.items()}
+    return _marker(kind, value, load)
+
+
+_FLOAT_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                        r"[0-9a-fA-F]{12}")
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                           r"|[+-]?(?:Infinity|Inf|s?NaN[0-9]*)", re.IGNORECASE)
+_MODEL_LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _bad(kind: Any, why: str) -> PayloadDecodeError:
+    return PayloadDecodeError(f"a {kind!r} marker {why}")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _marker(kind: Any, value: dict[str, Any], load: ModelLoader | None) -> Any:
+    """One marker object ``{"__reproq__": kind, "v": raw}``, checked as strictly as `encode`
+    writes it: the exact two keys, the type of ``v``, and text in the form `encode` uses."""
+    if len(value) != 2 or "v" not in value:
+        raise _bad(kind, f"must have exactly the keys {MARK!r} and 'v', "
+                         f"not {sorted(map(str, value))!r}")
+    raw = value["v"]
     match kind:
         case "dict":
-            return {key: decode(item, load) for key, item in raw.items()}
-        case "tuple":
-            return tuple(decode(item, load) for item in raw)
-        case "set":
-            return {decode(item, load) for item in raw}
-        case "frozenset":
-            return frozenset(decode(item, load) for item in raw)
-        case "datetime":
-            return dt.datetime.fromisoformat(raw)
-        case "date":
-            return dt.date.fromisoformat(raw)
-        case "time":
-            return dt.time.fromisoformat(raw)
+            if not isinstance(raw, dict):
+                raise _bad(kind, f"needs a JSON object in 'v', not {_json_type(raw)}")
+            return {key: _decode(item, load) for key, item in raw.items()}
+        case "tuple" | "set" | "frozenset":
+            if not isinstance(raw, list):
+                raise _bad(kind, f"needs a JSON array in 'v', not {_json_type(raw)}")
+            items = [_decode(item, load) for item in raw]
+            if kind == "tuple":
+                return tuple(items)
+            try:
+                return set(items) if kind == "set" else frozenset(items)
+            except TypeError:
+                raise _bad(kind, "holds an item that cannot be in a set (a list or a dict)"
+                           ) from None
+        case "datetime" | "date" | "time":
+            if not isinstance(raw, str):
+                raise _bad(kind, f"needs ISO 8601 text in 'v', not {_json_type(raw)}")
+            parse = {"datetime": dt.datetime, "date": dt.date, "time": dt.time}[kind]
+            try:
+                return parse.fromisoformat(raw)
+            except ValueError:
+                raise _bad(kind, f"holds text that is not an ISO 8601 {kind}") from None
         case "timedelta":
+            if not (isinstance(raw, list) and len(raw) == 3 and all(map(_is_int, raw))):
+                raise _bad(kind, "needs [days, seconds, microseconds] as three integers in 'v'")
             days, seconds, micros = raw
-            return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+            try:
+                return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+            except OverflowError:
+                raise _bad(kind, "is out of range (beyond 999999999 days)") from None
         case "float":
-            return float(raw)
+            if not isinstance(raw, str) or _FLOAT_TEXT.fullmatch(raw) is None:
+                raise _bad(kind, "needs a finite number written as text in 'v'")
+            number = float(raw)
+            if not math.isfinite(number):
+                raise _bad(kind, "is out of a float's range")
+            return number
         case "decimal":
-            return Decimal(raw)
+            if not isinstance(raw, str) or _DECIMAL_TEXT.fullmatch(raw) is None:
+                raise _bad(kind, "needs a decimal number written as text in 'v'")
+            try:
+                return Decimal(raw)
+            except (InvalidOperation, ValueError):  # pragma: no cover - the pattern rules out
+                raise _bad(kind, "needs a decimal number written as text in 'v'") from None
         case "uuid":
+            if not isinstance(raw, str) or _UUID_TEXT.fullmatch(raw) is None:
+                raise _bad(kind, "needs a UUID written as 8-4-4-4-12 hex digits in 'v'")
             return uuid.UUID(raw)
         case "bytes":
-            return base64.b64decode(raw)
+            if not isinstance(raw, str):
+                raise _bad(kind, f"needs base64 text in 'v', not {_json_type(raw)}")
+            try:
+                return base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError):
+                raise _bad(kind, "holds text that is not valid base64") from None
         case "model":
+            if not (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], str)
+                    and _MODEL_LABEL.fullmatch(raw[0]) is not None):
+                raise _bad(kind, "needs [\"app_label.Model\", pk] in 'v'")
             label, pk = raw
-            pk = decode(pk, load)
+            pk = _decode(pk, load)
+            if isinstance(pk, list | dict | set | frozenset | tuple):
+                raise _bad(kind, f"has a {type(pk).__name__} as primary key")
             return ModelRef(label, pk) if load is None else load(label, pk)
-    raise ValueError(f"unknown payload marker {kind!r}")
+    raise PayloadDecodeError(f"unknown payload marker {kind!r}")
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value),
+                                                                       type(value).__name__)
+
+
+def _locate(value: Any, where: str) -> str | None:
+    """`where` + the path of the first marker `_decode` rejects, and why (slow; errors only).
+    Model references are checked without loading them."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _locate(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if not isinstance(value, dict):
+        return None
+    kind = value.get(MARK)
+    if kind is None:
+        for key, item in value.items():
+            found = _locate(item, f"{where}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    raw = value.get("v")
+    if len(value) == 2 and "v" in value:
+        # Look inside first: an error deep inside a container names the deepest place.
+        if kind in ("tuple", "set", "frozenset") and isinstance(raw, list):
+            for i, item in enumerate(raw):
+                found = _locate(item, f"{where}[{i}]" if kind == "tuple" else f"{where} item")
+                if found is not None:
+                    return found
+        elif kind == "dict" and isinstance(raw, dict):
+            for key, item in raw.items():
+                found = _locate(item, f"{where}[{key!r}]")
+                if found is not None:
+                    return found
+        elif kind == "model" and isinstance(raw, list) and len(raw) == 2:
+            found = _locate(raw[1], f"{where}.pk")
+            if found is not None:
+                return found
+    try:
+        _marker(kind, value, None)
+    except PayloadDecodeError as exc:
+        return f"{where}: {exc}"
+    return None
 
 
 class ModelRef:
