@@ -183,6 +183,9 @@ class RuntimeSettings:
     yield_max_wait_seconds: float = 0.05  # ... for at most this long per wait (<= 1)
     yield_claim_batch: int = 4  # while requests arrive: at most this many runs per claim
     gc_freeze: bool = True  # collect once at start, then gc.freeze() the startup heap
+    # /reproq/metrics: distinct queue and task label values kept per process (each label on
+    # its own); later values share the series of the "(other)" bucket
+    metrics_max_label_values: int = 500
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -215,6 +218,7 @@ _RUNTIME_KINDS: dict[str, str] = {
     "yield_max_wait_seconds": "posnum",
     "yield_claim_batch": "posint",
     "gc_freeze": "bool",
+    "metrics_max_label_values": "posint",
 }
 
 _HINTS = {
