@@ -1343,6 +1343,15 @@ def test_unstorable_text_or_time_is_refused_naming_the_argument(how, kwargs, err
 
 @pytest.mark.django_db
 @pytest.mark.usefixtures("no_rows_written")
+def test_unstorable_text_in_a_later_pipelined_chunk_writes_nothing():
+    calls = [(tasks.add, (i, i), {}) for i in range(PIPELINE_CHUNK + 10)]
+    calls[-3] = (tasks.echo, (), {"name": "x\udc80"})
+    with pytest.raises(PayloadError, match=r"kwargs\['name'\].*surrogate"):
+        backend().bulk_enqueue(calls)
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("no_rows_written")
 def test_unstorable_positional_argument_and_task_run_after_are_refused():
     with pytest.raises(PayloadError, match=r"args\[1\].*surrogate"):
         tasks.echo.enqueue("fine", "\ud800")

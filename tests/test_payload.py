@@ -296,6 +296,13 @@ def test_text_that_is_valid_unicode_is_accepted_whatever_its_script():
         assert payload.encode_call((text,), {text: text}) == ([text], {text: text})
 
 
+def test_metadata_and_return_values_with_unstorable_text_name_where_it_is():
+    with pytest.raises(PayloadError, match=r"metadata\['note'\] has type builtins.str: .*surr"):
+        payload.encode({"note": "half \ud800"}, "metadata")
+    with pytest.raises(PayloadError, match=r"return value key 'a\\x00'.*NUL"):
+        payload.encode({"a\x00": 1}, "return value")
+
+
 def test_subclasses_of_supported_types_are_rejected():
     class MyStr(str):
         pass
