@@ -255,14 +255,16 @@ class ReproqBackend(BaseTaskBackend):
                 or (delay is not None and delay > _FAR_DAYS * 86400.0)
                 or (expires is not None and expires.days > _FAR_DAYS)):
             run_after = _check_due_range(run_after, delay, expires)
+        # dumps before spec_hash: it refuses text PostgreSQL cannot store, naming the argument
+        args_text = payload.dumps(enc_args, "args")
+        kwargs_text = payload.dumps(enc_kwargs, "kwargs") if enc_kwargs else "{}"
         digest = (payload.spec_hash(self.alias, task.module_path, task.queue_name, enc_args,
                                     enc_kwargs) if dedup else None)
         return EnqueueSpec(
             task=task if priority == task.priority else copy_task_unvalidated(
                 task, priority=priority),
             args=list(args), kwargs=kwargs,
-            enc_args=payload.dumps(enc_args, "args"),
-            enc_kwargs=payload.dumps(enc_kwargs, "kwargs") if enc_kwargs else "{}",
+            enc_args=args_text, enc_kwargs=kwargs_text,
             spec_hash=digest, priority=priority, run_after=run_after, delay=delay,
             lock_key=lock_key, concurrency_key=conc_key, concurrency_limit=conc_limit,
             max_attempts=max_attempts, timeout=timeout,

@@ -54,7 +54,8 @@ def text_problem(text: str) -> str | None:
     """Why PostgreSQL cannot store `text` (a NUL, a lone surrogate), or None.
 
     Callers on hot paths test ``"\\x00" in text or not text.isascii()`` first: ``isascii`` is
-    O(1) on CPython, so ASCII text costs one C-speed NUL scan and no regex.
+    O(1) on CPython, so ASCII text costs one C-speed NUL scan and no regex. (`encode` checks
+    NUL per string; lone surrogates are found once per payload by `dumps`.)
     """
     if "\x00" in text:
         return "it contains a NUL character, which PostgreSQL rejects"
@@ -81,10 +82,8 @@ def encode(value: Any, where: str = "value") -> Any:
     if value is None or kind is bool or kind is int:
         return value
     if kind is str:
-        if "\x00" in value or not value.isascii():
-            problem = text_problem(value)
-            if problem is not None:
-                raise _fail(where, value, problem)
+        if "\x00" in value:
+            raise _fail(where, value, "it contains a NUL character, which PostgreSQL rejects")
         return value
     if kind is float:
         if not math.isfinite(value):
@@ -103,10 +102,8 @@ def encode(value: Any, where: str = "value") -> Any:
                 raise _fail(
                     f"{where} key {key!r}", key, "dict keys must be str to survive JSON unchanged"
                 )
-            if "\x00" in key or not key.isascii():
-                problem = text_problem(key)
-                if problem is not None:
-                    raise _fail(f"{where} key {key!r}", key, problem)
+            if "\x00" in key:
+                raise _fail(f"{where} key {key!r}", key, "it contains a NUL character")
             out[key] = encode(item, f"{where}[{key!r}]")
         if MARK in out:
             return {MARK: "dict", "v": out}
@@ -361,10 +358,9 @@ def encode_call(args: tuple | list, kwargs: dict) -> tuple[list[Any], dict[str, 
     for key, value in kwargs.items():
         if type(key) is not str:
             raise PayloadError(f"keyword argument names must be str, not {type(key).__name__}")
-        if "\x00" in key or not key.isascii():
-            problem = text_problem(key)
-            if problem is not None:
-                raise _fail(f"keyword argument name {key!r}", key, problem)
+        if "\x00" in key:
+            raise _fail(f"keyword argument name {key!r}", key,
+                        "it contains a NUL character, which PostgreSQL rejects")
         enc_kwargs[key] = encode(value, f"kwargs[{key!r}]")
     return enc_args, enc_kwargs
 
@@ -373,16 +369,69 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 
 
 def dumps(value: Any, where: str = "payload") -> str:
-    """Serialise an already-encoded value for a jsonb column (at most MAX_PAYLOAD_BYTES)."""
+    """Serialise an already-encoded value for a jsonb column (at most MAX_PAYLOAD_BYTES).
+
+    Text with a lone surrogate (not valid Unicode, so not valid UTF-8 for PostgreSQL) raises
+    `PayloadError` naming its place under `where` (``where == "kwargs"``: the top-level keys are
+    keyword argument names). The check is free for ASCII text (``str.isascii`` is O(1)); other
+    text is encoded to UTF-8 once, which the size limit needs anyway.
+    """
     text = _ENCODER.encode(value)
-    # Cheap test first: a str's UTF-8 form is never shorter than its character count.
-    if len(text) > MAX_PAYLOAD_BYTES or len(text.encode()) > MAX_PAYLOAD_BYTES:
-        size = len(text.encode())
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError:
+            raise _unstorable_text(value, where, where == "kwargs") or PayloadError(
+                f"{where} contains text that is not valid Unicode") from None
+    if size > MAX_PAYLOAD_BYTES:
         raise PayloadError(
             f"{where} is {size} bytes as JSON{_largest_part(value, where)}; reproq stores at "
             f"most {MAX_PAYLOAD_BYTES}. Pass an id and load large data inside the task."
         )
     return text
+
+
+def _unstorable_text(value: Any, where: str, names: bool = False) -> PayloadError | None:
+    """The `PayloadError` for the first string in an encoded value that PostgreSQL cannot store,
+    named as `encode` names places (``args[0]['k'][1]``, ``... key 'x'``, ``... item``);
+    `names`: the top-level keys are keyword argument names. Slow; only after a failure."""
+    if type(value) is str:
+        problem = text_problem(value)
+        return None if problem is None else _fail(where, value, problem)
+    if type(value) is list:
+        for i, item in enumerate(value):
+            found = _unstorable_text(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if type(value) is not dict:
+        return None
+    if MARK in value:
+        kind, raw = value[MARK], value.get("v")
+        if kind == "dict" and type(raw) is dict:
+            value = raw  # an escaped dict: look at it as the plain dict it was
+        elif kind in ("tuple", "set", "frozenset") and type(raw) is list:
+            for i, item in enumerate(raw):
+                found = _unstorable_text(item, f"{where}[{i}]" if kind == "tuple"
+                                         else f"{where} item")
+                if found is not None:
+                    return found
+            return None
+        elif kind == "model" and type(raw) is list and len(raw) == 2:
+            return _unstorable_text(raw[1], f"{where}.pk")
+        else:
+            return None
+    for key, item in value.items():
+        problem = text_problem(key)
+        if problem is not None:
+            return _fail(f"keyword argument name {key!r}" if names else f"{where} key {key!r}",
+                         key, problem)
+        found = _unstorable_text(item, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 def _largest_part(value: Any, where: str) -> str:

@@ -270,11 +270,6 @@ class Opaque:
         ((), {"d": {"k": {(1, 2): 3}}}, "kwargs['d']['k'] key (1, 2)", "str"),
         (({"k\x00": 1},), {}, "args[0] key", "NUL"),
         ((), {"a\x00b": 1}, "keyword argument name 'a\\x00b'", "NUL"),
-        (("\ud800",), {}, "args[0]", "surrogate"),
-        (("ok", ["é\udfff"]), {}, "args[1][0]", "surrogate"),
-        ((), {"\ud83d": 1}, "keyword argument name '\\ud83d'", "surrogate"),
-        (({"\udc00": 1},), {}, "args[0] key '\\udc00'", "surrogate"),
-        (({"\ud800"},), {}, "args[0] item", "surrogate"),
         (([1, [2, object()]],), {}, "args[0][1][1]", "object"),
         (((1, object()),), {}, "args[0][1]", "object"),
         (({"a": [None, {"b": float("nan")}]},), {}, "args[0]['a'][1]['b']", "nan"),
@@ -291,14 +286,45 @@ def test_unsupported_values_raise_payload_error_naming_the_argument(args, kwargs
     assert "reproq stores" in message  # says what would work
 
 
+def stored(args, kwargs):
+    """What enqueue does with a call before anything reaches the database."""
+    enc_args, enc_kwargs = payload.encode_call(args, kwargs)
+    return payload.dumps(enc_args, "args"), payload.dumps(enc_kwargs, "kwargs")
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "path"),
+    [
+        (("\ud800",), {}, "args[0]"),
+        (("ok", ["é\udfff"]), {}, "args[1][0]"),
+        ((), {"\ud83d": 1}, "keyword argument name '\\ud83d'"),
+        ((), {"k": "\udc80"}, "kwargs['k']"),
+        (({"\udc00": 1},), {}, "args[0] key '\\udc00'"),
+        (({"\ud800"},), {}, "args[0] item"),
+        ((("a", "\ud800"),), {}, "args[0][1]"),
+        (({"x": [{"__reproq__": "\ud800"}]},), {}, "args[0]['x'][0]['__reproq__']"),
+        ((), {"d": {"__reproq__": 1, "y": "\udfff"}}, "kwargs['d']['y']"),
+        (({"k": frozenset({("t", "\udbff")})},), {}, "args[0]['k'] item[1]"),
+    ],
+    ids=repr,
+)
+def test_lone_surrogates_are_refused_naming_the_argument(args, kwargs, path):
+    with pytest.raises(PayloadError) as excinfo:
+        stored(args, kwargs)
+    message = assert_payload_error(excinfo, path, "surrogate")
+    assert message.startswith(path), message
+    message.encode()  # printable: the surrogate is escaped in the message
+
+
 def test_text_that_is_valid_unicode_is_accepted_whatever_its_script():
     for text in ("plain", "héllo", "日本語", "emoji 🎉", "\U0010ffff", "\ufffd", "\ud7ff\ue000"):
-        assert payload.encode_call((text,), {text: text}) == ([text], {text: text})
+        assert [json.loads(part) for part in stored((text,), {text: text})] == [
+            [text], {text: text}]
 
 
 def test_metadata_and_return_values_with_unstorable_text_name_where_it_is():
     with pytest.raises(PayloadError, match=r"metadata\['note'\] has type builtins.str: .*surr"):
-        payload.encode({"note": "half \ud800"}, "metadata")
+        payload.dumps(payload.encode({"note": "half \ud800"}, "metadata"), "metadata")
     with pytest.raises(PayloadError, match=r"return value key 'a\\x00'.*NUL"):
         payload.encode({"a\x00": 1}, "return value")
 
