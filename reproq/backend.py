@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import json
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.core import checks
@@ -44,6 +44,18 @@ RESERVED_KWARGS = ("run_after", "lock_key", "priority", "concurrency_key", "conc
 MAX_BATCH = 10_000
 PIPELINE_CHUNK = 2_000  # tasks per statement when a bulk call is pipelined
 MAX_KEY_LENGTH = 255
+# The latest due (or expiry) time a run may have. PostgreSQL stores later timestamps, but Python
+# cannot read anything past 9999-12-31 back, in UTC or in a session time zone east of it: such a
+# row would break every reader (get_result, the admin, the dashboard). The year before that
+# leaves room for every time zone offset.
+LATEST_DUE = datetime(9999, 1, 1, tzinfo=UTC)
+# An earlier run_after (due at once either way) is stored as this: west of UTC, a time in year 1
+# would read back as year 0.
+EARLIEST_DUE = datetime(1, 1, 2, tzinfo=UTC)
+# The cheap test before the exact one (`_check_due_range`): a run_after in years 2-6999, a delay
+# from now and an expires_in each under _FAR_DAYS (~2,738 years) cannot reach LATEST_DUE.
+_FAR_DAYS = 1_000_000
+_FAR_YEAR = 7000
 
 
 _reserved_params_checked: dict[Callable[..., Any], str | None] = {}
@@ -185,6 +197,10 @@ class ReproqBackend(BaseTaskBackend):
                                      or len(lock_key) > MAX_KEY_LENGTH):
             raise InvalidEnqueue(f"lock_key must be a non-empty str of at most {MAX_KEY_LENGTH} "
                                  f"characters, got {lock_key!r}")
+        if lock_key is not None and ("\x00" in lock_key or not lock_key.isascii()):
+            problem = payload.text_problem(lock_key)
+            if problem is not None:
+                raise InvalidEnqueue(f"lock_key {lock_key!r} cannot be stored: {problem}")
 
         conc_key: str | None = None
         conc_limit: int | None = None
@@ -213,8 +229,14 @@ class ReproqBackend(BaseTaskBackend):
                         f"the limits_concurrency key of {task.module_path} could not be "
                         f"computed: {exc}") from exc
                 conc_limit = rule.limit
-        if conc_key is not None and len(conc_key) > MAX_KEY_LENGTH:
-            raise InvalidEnqueue(f"concurrency key is longer than {MAX_KEY_LENGTH} characters")
+        if conc_key is not None:
+            if len(conc_key) > MAX_KEY_LENGTH:
+                raise InvalidEnqueue(f"concurrency key is longer than {MAX_KEY_LENGTH} characters")
+            if "\x00" in conc_key or not conc_key.isascii():
+                problem = payload.text_problem(conc_key)
+                if problem is not None:
+                    raise InvalidEnqueue(f"concurrency key {conc_key!r} cannot be stored: "
+                                         f"{problem}")
         if lock_key is not None and conc_key is not None:
             raise InvalidEnqueue(
                 f"a run takes either lock_key or a concurrency key, not both (got lock_key="
@@ -229,14 +251,20 @@ class ReproqBackend(BaseTaskBackend):
             max_attempts = task.max_attempts or max_attempts
             timeout = task.timeout_seconds or timeout
             expires = task.expires_in or expires
+        if ((run_after is not None and not 1 < run_after.year < _FAR_YEAR)
+                or (delay is not None and delay > _FAR_DAYS * 86400.0)
+                or (expires is not None and expires.days > _FAR_DAYS)):
+            run_after = _check_due_range(run_after, delay, expires)
+        # dumps before spec_hash: it refuses text PostgreSQL cannot store, naming the argument
+        args_text = payload.dumps(enc_args, "args")
+        kwargs_text = payload.dumps(enc_kwargs, "kwargs") if enc_kwargs else "{}"
         digest = (payload.spec_hash(self.alias, task.module_path, task.queue_name, enc_args,
                                     enc_kwargs) if dedup else None)
         return EnqueueSpec(
             task=task if priority == task.priority else copy_task_unvalidated(
                 task, priority=priority),
             args=list(args), kwargs=kwargs,
-            enc_args=payload.dumps(enc_args, "args"),
-            enc_kwargs=payload.dumps(enc_kwargs, "kwargs") if enc_kwargs else "{}",
+            enc_args=args_text, enc_kwargs=kwargs_text,
             spec_hash=digest, priority=priority, run_after=run_after, delay=delay,
             lock_key=lock_key, concurrency_key=conc_key, concurrency_limit=conc_limit,
             max_attempts=max_attempts, timeout=timeout,
@@ -528,6 +556,38 @@ class ReproqBackend(BaseTaskBackend):
                 value = row["return_value"]
             object.__setattr__(result, "_return_value", value)
         return result
+
+
+def _check_due_range(run_after: datetime | None, delay: float | None,
+                     expires: timedelta | None) -> datetime | None:
+    """The run_after to store, or InvalidEnqueue: a due time (run_after, or now + a delay) or
+    an expiry (due + expires_in) after LATEST_DUE is refused; a run_after before EARLIEST_DUE
+    (already due either way) is stored as EARLIEST_DUE. Only called when a cheap test says one
+    of them might be out of range."""
+    try:
+        due = (run_after if run_after is not None
+               else timezone.now() + timedelta(seconds=delay or 0.0))
+        too_late = due > LATEST_DUE
+    except OverflowError:
+        due, too_late = None, True
+    if too_late or due is None:
+        what = (f"run_after {run_after.isoformat()}" if run_after is not None
+                else f"run_after (a delay of {delay:,.0f} seconds)")
+        raise InvalidEnqueue(f"{what} is too far in the future: reproq accepts due times "
+                             f"before {LATEST_DUE.date().isoformat()} UTC")
+    if due < EARLIEST_DUE:
+        due = run_after = EARLIEST_DUE
+    if expires is not None:
+        try:
+            too_late = due + expires > LATEST_DUE
+        except OverflowError:
+            too_late = True
+        if too_late:
+            raise InvalidEnqueue(f"expires_in {expires} from the due time "
+                                 f"{due.date().isoformat()} ends after "
+                                 f"{LATEST_DUE.date().isoformat()} UTC: shorten expires_in or "
+                                 "run_after")
+    return run_after
 
 
 def _decode_call(row: dict[str, Any], load: Any) -> tuple[list[Any], dict[str, Any]]:

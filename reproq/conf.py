@@ -185,6 +185,9 @@ class RuntimeSettings:
     gc_freeze: bool = True  # collect once at start, then gc.freeze() the startup heap
     crash_loop_restarts: int = 5  # this many restarts of one service ...
     crash_loop_seconds: float = 60.0  # ... within this window: /healthz says degraded (503)
+    # /reproq/metrics: distinct queue and task label values kept per process (each label on
+    # its own); later values share the series of the "(other)" bucket
+    metrics_max_label_values: int = 500
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -219,6 +222,7 @@ _RUNTIME_KINDS: dict[str, str] = {
     "gc_freeze": "bool",
     "crash_loop_restarts": "posint",
     "crash_loop_seconds": "posnum",
+    "metrics_max_label_values": "posint",
 }
 
 _HINTS = {

@@ -1,7 +1,8 @@
 """The health diagnosis behind ``manage.py reproq doctor``: one `Finding` per thing that can
 keep tasks from running — settings, PostgreSQL version, migrations, tables, the run id sequence,
 LISTEN/NOTIFY delivery, clock skew against the database, live runtimes, expired leases, the
-backlog's age, paused queues and the beat leader. Reads only; it changes nothing.
+backlog's age, READY runs in queues no live runtime serves, paused queues and the beat leader.
+Reads only; it changes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,25 @@ SUPPORTED_SERVER_VERSION = 150000  # what reproq is tested on
 CLOCK_SKEW_WARN_SECONDS = 2.0
 BACKLOG_WARN_SECONDS = 300.0
 NOTIFY_WAIT_SECONDS = 3.0
+UNSERVED_SCAN_ROWS = 100_000  # READY runs looked at for unserved queues (bounds the check)
+UNSERVED_SHOWN = 10  # queues named in the finding
+
+# READY runs whose queue no live runtime lists (reproq_workers.queues, heartbeat fresh): no claim
+# will ever take them. The scan of READY rows is bounded; past the bound counts are "at least".
+UNSERVED_QUEUES = """
+WITH served AS MATERIALIZED (
+    SELECT DISTINCT q.name FROM reproq_workers w,
+           jsonb_array_elements_text(CASE WHEN jsonb_typeof(w.queues) = 'array'
+                                          THEN w.queues ELSE '[]' END) AS q(name)
+    WHERE w.last_seen_at > now() - make_interval(secs => %(ttl)s)
+), unserved AS (
+    SELECT r.queue_name FROM reproq_task_runs r
+    WHERE r.status = 'READY'
+      AND NOT EXISTS (SELECT 1 FROM served s WHERE s.name = r.queue_name)
+    LIMIT %(scan)s
+)
+SELECT queue_name, count(*) FROM unserved GROUP BY queue_name ORDER BY count(*) DESC, queue_name
+"""
 
 
 @dataclass(frozen=True)
@@ -175,6 +195,8 @@ def _runtime(cursor: Any, rs: Any) -> Iterator[Finding]:
                       "(python manage.py reproq status)")
     else:
         yield Finding(OK, "backlog", f"the oldest due run has waited {oldest_due:,.1f}s")
+    if alive:
+        yield from _unserved(cursor, rs.lease_seconds * 3)
     if schedules and not leaders:
         yield Finding(WARN, "beat", f"{schedules} enabled schedules and no live beat leader: "
                       "cron ticks are not enqueued",
@@ -191,6 +213,30 @@ def _runtime(cursor: Any, rs: Any) -> Iterator[Finding]:
                       "python manage.py reproq resume-queue NAME")
     else:
         yield Finding(OK, "queues", "none paused")
+
+
+def _unserved(cursor: Any, ttl: float) -> Iterator[Finding]:
+    """READY runs in queues that no live runtime claims from: they would wait forever, though
+    the backlog (which only sees the oldest due run) can look fine. Only asked while some
+    runtime is alive; with none, the runtimes finding already says that nothing runs."""
+    cursor.execute(UNSERVED_QUEUES, {"ttl": ttl, "scan": UNSERVED_SCAN_ROWS})
+    rows = [(str(name), int(n)) for name, n in cursor.fetchall()]
+    if not rows:
+        yield Finding(OK, "served queues", "every queue with READY runs is served by a live "
+                      "runtime")
+        return
+    total = sum(n for _, n in rows)
+    capped = total >= UNSERVED_SCAN_ROWS
+    shown = ", ".join(f"{name} ({n:,}{'+' if capped else ''})"
+                      for name, n in rows[:UNSERVED_SHOWN])
+    more = f" and {len(rows) - UNSERVED_SHOWN} more" if len(rows) > UNSERVED_SHOWN else ""
+    yield Finding(WARN, "served queues",
+                  f"{'at least ' if capped else ''}{total:,} READY runs in {len(rows)} "
+                  f"queue{'s' if len(rows) != 1 else ''} that no live runtime serves, so they "
+                  f"wait forever: {shown}{more}",
+                  "add the queues to a runtime (REPROQ_RUNTIME['QUEUES'] or the backend's "
+                  "QUEUES, or python manage.py reproq worker --queues NAME,...), or cancel the "
+                  "runs if the queue name is a mistake")
 
 
 def diagnose(alias: str) -> list[Finding]:

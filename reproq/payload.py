@@ -4,19 +4,27 @@ Plain JSON values (str, int, float, bool, None, list, dict with str keys) are st
 Other supported types are stored as marker objects ``{"__reproq__": "<kind>", "v": ...}`` and come
 back as the type that was passed: datetime, date, time, timedelta, Decimal, UUID, bytes, tuple,
 set, frozenset and saved model instances (stored by ``app_label.Model`` and primary key, fetched
-again when the task runs). Anything else raises `PayloadError` at enqueue, naming the argument.
+again when the task runs). Anything else raises `PayloadError` at enqueue, naming the argument;
+so do strings PostgreSQL cannot store (a NUL character, a lone UTF-16 surrogate), in values and in
+dict keys and keyword names alike.
+
+`decode` is strict: a marker object that `encode` could not have written (a row written by hand:
+SQL, pg_cron, another language) raises `PayloadDecodeError` naming where it sits, never a value
+made up from it; the runtime fails such a run as non-retryable.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as dt
 import hashlib
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.tasks.exceptions import InvalidTask
@@ -33,6 +41,28 @@ SUPPORTED = (
 
 class PayloadError(InvalidTask, TypeError):
     """An argument or return value that reproq cannot store faithfully."""
+
+
+class PayloadDecodeError(ValueError):
+    """A stored payload that `encode` could not have written (e.g. a hand-written row)."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(text: str) -> str | None:
+    """Why PostgreSQL cannot store `text` (a NUL, a lone surrogate), or None.
+
+    Callers on hot paths test ``"\\x00" in text or not text.isascii()`` first: ``isascii`` is
+    O(1) on CPython, so ASCII text costs one C-speed NUL scan and no regex. (`encode` checks
+    NUL per string; lone surrogates are found once per payload by `dumps`.)
+    """
+    if "\x00" in text:
+        return "it contains a NUL character, which PostgreSQL rejects"
+    if not text.isascii() and _SURROGATE.search(text) is not None:
+        return ("it contains a lone surrogate (a UTF-16 half, e.g. '\\ud800'), which is not "
+                "valid Unicode text and cannot be stored")
+    return None
 
 
 def _fail(where: str, value: Any, why: str) -> PayloadError:
@@ -126,47 +156,171 @@ def load_model(label: str, pk: Any) -> Any:
     return model._default_manager.get(pk=pk)
 
 
-def decode(value: Any, load: ModelLoader | None = load_model) -> Any:
-    """Invert `encode`. With ``load=None`` model references come back as `ModelRef`."""
+def decode(value: Any, load: ModelLoader | None = load_model, where: str = "payload") -> Any:
+    """Invert `encode`. With ``load=None`` model references come back as `ModelRef`.
+
+    A marker object that `encode` could not have written raises `PayloadDecodeError` naming its
+    place under `where` (e.g. ``payload[0]['file']``); errors of `load` itself (a deleted model
+    instance, an unknown model) come through unchanged.
+    """
+    try:
+        return _decode(value, load)
+    except PayloadDecodeError as exc:
+        located = _locate(value, where)
+        if located is None:  # pragma: no cover - _decode and _locate disagree
+            raise
+        raise PayloadDecodeError(located) from exc
+
+
+def _decode(value: Any, load: ModelLoader | None) -> Any:
     if isinstance(value, list):
-        return [decode(item, load) for item in value]
+        return [_decode(item, load) for item in value]
     if not isinstance(value, dict):
         return value
     kind = value.get(MARK)
     if kind is None:
-        return {key: decode(item, load) for key, item in value.items()}
-    raw = value.get("v")
+        return {key: _decode(item, load) for key, item in value.items()}
+    return _marker(kind, value, load)
+
+
+_FLOAT_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                        r"[0-9a-fA-F]{12}")
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                           r"|[+-]?(?:Infinity|Inf|s?NaN[0-9]*)", re.IGNORECASE)
+_MODEL_LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _bad(kind: Any, why: str) -> PayloadDecodeError:
+    return PayloadDecodeError(f"a {kind!r} marker {why}")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _marker(kind: Any, value: dict[str, Any], load: ModelLoader | None) -> Any:
+    """One marker object ``{"__reproq__": kind, "v": raw}``, checked as strictly as `encode`
+    writes it: the exact two keys, the type of ``v``, and text in the form `encode` uses."""
+    if len(value) != 2 or "v" not in value:
+        raise _bad(kind, f"must have exactly the keys {MARK!r} and 'v', "
+                         f"not {sorted(map(str, value))!r}")
+    raw = value["v"]
     match kind:
         case "dict":
-            return {key: decode(item, load) for key, item in raw.items()}
-        case "tuple":
-            return tuple(decode(item, load) for item in raw)
-        case "set":
-            return {decode(item, load) for item in raw}
-        case "frozenset":
-            return frozenset(decode(item, load) for item in raw)
-        case "datetime":
-            return dt.datetime.fromisoformat(raw)
-        case "date":
-            return dt.date.fromisoformat(raw)
-        case "time":
-            return dt.time.fromisoformat(raw)
+            if not isinstance(raw, dict):
+                raise _bad(kind, f"needs a JSON object in 'v', not {_json_type(raw)}")
+            return {key: _decode(item, load) for key, item in raw.items()}
+        case "tuple" | "set" | "frozenset":
+            if not isinstance(raw, list):
+                raise _bad(kind, f"needs a JSON array in 'v', not {_json_type(raw)}")
+            items = [_decode(item, load) for item in raw]
+            if kind == "tuple":
+                return tuple(items)
+            try:
+                return set(items) if kind == "set" else frozenset(items)
+            except TypeError:
+                raise _bad(kind, "holds an item that cannot be in a set (a list or a dict)"
+                           ) from None
+        case "datetime" | "date" | "time":
+            if not isinstance(raw, str):
+                raise _bad(kind, f"needs ISO 8601 text in 'v', not {_json_type(raw)}")
+            parse = {"datetime": dt.datetime, "date": dt.date, "time": dt.time}[kind]
+            try:
+                return parse.fromisoformat(raw)
+            except ValueError:
+                raise _bad(kind, f"holds text that is not an ISO 8601 {kind}") from None
         case "timedelta":
+            if not (isinstance(raw, list) and len(raw) == 3 and all(map(_is_int, raw))):
+                raise _bad(kind, "needs [days, seconds, microseconds] as three integers in 'v'")
             days, seconds, micros = raw
-            return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+            try:
+                return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+            except OverflowError:
+                raise _bad(kind, "is out of range (beyond 999999999 days)") from None
         case "float":
-            return float(raw)
+            if not isinstance(raw, str) or _FLOAT_TEXT.fullmatch(raw) is None:
+                raise _bad(kind, "needs a finite number written as text in 'v'")
+            number = float(raw)
+            if not math.isfinite(number):
+                raise _bad(kind, "is out of a float's range")
+            return number
         case "decimal":
-            return Decimal(raw)
+            if not isinstance(raw, str) or _DECIMAL_TEXT.fullmatch(raw) is None:
+                raise _bad(kind, "needs a decimal number written as text in 'v'")
+            try:
+                return Decimal(raw)
+            except (InvalidOperation, ValueError):  # pragma: no cover - the pattern rules out
+                raise _bad(kind, "needs a decimal number written as text in 'v'") from None
         case "uuid":
+            if not isinstance(raw, str) or _UUID_TEXT.fullmatch(raw) is None:
+                raise _bad(kind, "needs a UUID written as 8-4-4-4-12 hex digits in 'v'")
             return uuid.UUID(raw)
         case "bytes":
-            return base64.b64decode(raw)
+            if not isinstance(raw, str):
+                raise _bad(kind, f"needs base64 text in 'v', not {_json_type(raw)}")
+            try:
+                return base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError):
+                raise _bad(kind, "holds text that is not valid base64") from None
         case "model":
+            if not (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], str)
+                    and _MODEL_LABEL.fullmatch(raw[0]) is not None):
+                raise _bad(kind, "needs [\"app_label.Model\", pk] in 'v'")
             label, pk = raw
-            pk = decode(pk, load)
+            pk = _decode(pk, load)
+            if isinstance(pk, list | dict | set | frozenset | tuple):
+                raise _bad(kind, f"has a {type(pk).__name__} as primary key")
             return ModelRef(label, pk) if load is None else load(label, pk)
-    raise ValueError(f"unknown payload marker {kind!r}")
+    raise PayloadDecodeError(f"unknown payload marker {kind!r}")
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value),
+                                                                       type(value).__name__)
+
+
+def _locate(value: Any, where: str) -> str | None:
+    """`where` + the path of the first marker `_decode` rejects, and why (slow; errors only).
+    Model references are checked without loading them."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _locate(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if not isinstance(value, dict):
+        return None
+    kind = value.get(MARK)
+    if kind is None:
+        for key, item in value.items():
+            found = _locate(item, f"{where}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    raw = value.get("v")
+    if len(value) == 2 and "v" in value:
+        # Look inside first: an error deep inside a container names the deepest place.
+        if kind in ("tuple", "set", "frozenset") and isinstance(raw, list):
+            for i, item in enumerate(raw):
+                found = _locate(item, f"{where}[{i}]" if kind == "tuple" else f"{where} item")
+                if found is not None:
+                    return found
+        elif kind == "dict" and isinstance(raw, dict):
+            for key, item in raw.items():
+                found = _locate(item, f"{where}[{key!r}]")
+                if found is not None:
+                    return found
+        elif kind == "model" and isinstance(raw, list) and len(raw) == 2:
+            found = _locate(raw[1], f"{where}.pk")
+            if found is not None:
+                return found
+    try:
+        _marker(kind, value, None)
+    except PayloadDecodeError as exc:
+        return f"{where}: {exc}"
+    return None
 
 
 class ModelRef:
@@ -204,6 +358,9 @@ def encode_call(args: tuple | list, kwargs: dict) -> tuple[list[Any], dict[str, 
     for key, value in kwargs.items():
         if type(key) is not str:
             raise PayloadError(f"keyword argument names must be str, not {type(key).__name__}")
+        if "\x00" in key:
+            raise _fail(f"keyword argument name {key!r}", key,
+                        "it contains a NUL character, which PostgreSQL rejects")
         enc_kwargs[key] = encode(value, f"kwargs[{key!r}]")
     return enc_args, enc_kwargs
 
@@ -212,16 +369,69 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 
 
 def dumps(value: Any, where: str = "payload") -> str:
-    """Serialise an already-encoded value for a jsonb column (at most MAX_PAYLOAD_BYTES)."""
+    """Serialise an already-encoded value for a jsonb column (at most MAX_PAYLOAD_BYTES).
+
+    Text with a lone surrogate (not valid Unicode, so not valid UTF-8 for PostgreSQL) raises
+    `PayloadError` naming its place under `where` (``where == "kwargs"``: the top-level keys are
+    keyword argument names). The check is free for ASCII text (``str.isascii`` is O(1)); other
+    text is encoded to UTF-8 once, which the size limit needs anyway.
+    """
     text = _ENCODER.encode(value)
-    # Cheap test first: a str's UTF-8 form is never shorter than its character count.
-    if len(text) > MAX_PAYLOAD_BYTES or len(text.encode()) > MAX_PAYLOAD_BYTES:
-        size = len(text.encode())
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError:
+            raise _unstorable_text(value, where, where == "kwargs") or PayloadError(
+                f"{where} contains text that is not valid Unicode") from None
+    if size > MAX_PAYLOAD_BYTES:
         raise PayloadError(
             f"{where} is {size} bytes as JSON{_largest_part(value, where)}; reproq stores at "
             f"most {MAX_PAYLOAD_BYTES}. Pass an id and load large data inside the task."
         )
     return text
+
+
+def _unstorable_text(value: Any, where: str, names: bool = False) -> PayloadError | None:
+    """The `PayloadError` for the first string in an encoded value that PostgreSQL cannot store,
+    named as `encode` names places (``args[0]['k'][1]``, ``... key 'x'``, ``... item``);
+    `names`: the top-level keys are keyword argument names. Slow; only after a failure."""
+    if type(value) is str:
+        problem = text_problem(value)
+        return None if problem is None else _fail(where, value, problem)
+    if type(value) is list:
+        for i, item in enumerate(value):
+            found = _unstorable_text(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if type(value) is not dict:
+        return None
+    if MARK in value:
+        kind, raw = value[MARK], value.get("v")
+        if kind == "dict" and type(raw) is dict:
+            value = raw  # an escaped dict: look at it as the plain dict it was
+        elif kind in ("tuple", "set", "frozenset") and type(raw) is list:
+            for i, item in enumerate(raw):
+                found = _unstorable_text(item, f"{where}[{i}]" if kind == "tuple"
+                                         else f"{where} item")
+                if found is not None:
+                    return found
+            return None
+        elif kind == "model" and type(raw) is list and len(raw) == 2:
+            return _unstorable_text(raw[1], f"{where}.pk")
+        else:
+            return None
+    for key, item in value.items():
+        problem = text_problem(key)
+        if problem is not None:
+            return _fail(f"keyword argument name {key!r}" if names else f"{where} key {key!r}",
+                         key, problem)
+        found = _unstorable_text(item, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 def _largest_part(value: Any, where: str) -> str:

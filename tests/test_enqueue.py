@@ -1261,3 +1261,146 @@ def test_enqueue_without_prepared_statements_prepares_nothing():
         for i in range(3):
             tasks.add.enqueue(i, 1)
         assert prepared_on_django_connection() == []
+
+
+# --------------------------------------------------------------------------- text and time limits
+
+FAR = dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC)
+
+# (kwargs of the call, the error's type, what the message must name)
+UNSTORABLE_CALLS = [
+    ({"a\x00b": 1}, PayloadError, r"keyword argument name 'a\\x00b'.*NUL"),
+    ({"ok": "x\x00y"}, PayloadError, r"kwargs\['ok'\].*NUL"),
+    ({"\ud800": 1}, PayloadError, r"keyword argument name '\\ud800'.*surrogate"),
+    ({"ok": "caf\u00e9 \udfff"}, PayloadError, r"kwargs\['ok'\].*surrogate"),
+    ({"ok": ["fine", {"deep": ("\ud83d",)}]}, PayloadError,
+     r"kwargs\['ok'\]\[1\]\['deep'\]\[0\].*surrogate"),
+    ({"ok": {"\udc00key": 1}}, PayloadError, r"kwargs\['ok'\] key '\\udc00key'.*surrogate"),
+    ({"ok": {"k\x00": 1}}, PayloadError, r"kwargs\['ok'\] key 'k\\x00'.*NUL"),
+    ({"ok": {"\ud800"}}, PayloadError, r"kwargs\['ok'\] item.*surrogate"),
+    ({"run_after": FAR}, InvalidEnqueue, r"run_after 9999-12-31.*too far in the future"),
+    ({"run_after": dt.datetime(9999, 6, 1, tzinfo=dt.UTC)}, InvalidEnqueue,
+     r"run_after 9999-06-01.*too far in the future"),
+    ({"run_after": dt.datetime.max.replace(tzinfo=dt.timezone(-timedelta(hours=14)))},
+     InvalidEnqueue, r"run_after .*too far in the future"),
+    ({"run_after": timedelta(days=999_999_999)}, InvalidEnqueue,
+     r"run_after \(a delay of .* seconds\) is too far in the future"),
+    ({"run_after": timedelta.max}, InvalidEnqueue, r"run_after \(a delay.*too far"),
+    ({"run_after": timedelta(days=365 * 8000)}, InvalidEnqueue, r"run_after \(a delay.*too far"),
+    ({"lock_key": "lock\x00"}, InvalidEnqueue, r"lock_key 'lock\\x00' cannot be stored.*NUL"),
+    ({"lock_key": "lock\ud800"}, InvalidEnqueue, r"lock_key 'lock\\ud800'.*surrogate"),
+    ({"concurrency_key": "c\x00", "concurrency_limit": 1}, InvalidEnqueue,
+     r"concurrency key 'c\\x00' cannot be stored.*NUL"),
+    ({"concurrency_key": lambda *a, **k: "c\udfff", "concurrency_limit": 1}, InvalidEnqueue,
+     r"concurrency key 'c\\udfff'.*surrogate"),
+]
+UNSTORABLE_IDS = ["nul-kwarg-name", "nul-value", "surrogate-kwarg-name", "surrogate-value",
+                  "surrogate-deep", "surrogate-dict-key", "nul-dict-key", "surrogate-set-item",
+                  "datetime-max", "year-9999", "datetime-max-west", "timedelta-999999999-days",
+                  "timedelta-max", "8000-years", "nul-lock-key", "surrogate-lock-key",
+                  "nul-concurrency-key", "surrogate-computed-concurrency-key"]
+
+
+def _enqueue_one(kwargs):
+    return tasks.echo.enqueue(1, **kwargs)  # ENQUEUE_ONE
+
+
+def _bulk_enqueue(kwargs):  # ENQUEUE (arrays), the bad call in the middle
+    return backend().bulk_enqueue([(tasks.echo, (0,), {}), (tasks.echo, (1,), kwargs),
+                                   (tasks.echo, (2,), {})])
+
+
+def _aenqueue(kwargs):
+    async def main():
+        try:
+            return await tasks.echo.aenqueue(1, **kwargs)
+        finally:
+            await reproq_db.close_pools()
+    return asyncio.run(main())
+
+
+def _abulk_enqueue(kwargs):
+    async def main():
+        try:
+            return await backend().abulk_enqueue([(tasks.echo, (0,), {}),
+                                                  (tasks.echo, (1,), kwargs)])
+        finally:
+            await reproq_db.close_pools()
+    return asyncio.run(main())
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("no_rows_written")
+@pytest.mark.parametrize("how", [_enqueue_one, _bulk_enqueue, _aenqueue, _abulk_enqueue],
+                         ids=["enqueue", "bulk_enqueue", "aenqueue", "abulk_enqueue"])
+@pytest.mark.parametrize(("kwargs", "error", "names"), UNSTORABLE_CALLS, ids=UNSTORABLE_IDS)
+def test_unstorable_text_or_time_is_refused_naming_the_argument(how, kwargs, error, names):
+    with pytest.raises(error, match=names) as excinfo:
+        how(kwargs)
+    assert isinstance(excinfo.value, InvalidTask)
+    str(excinfo.value).encode()  # the message itself is printable (surrogates are escaped)
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("no_rows_written")
+def test_unstorable_text_in_a_later_pipelined_chunk_writes_nothing():
+    calls = [(tasks.add, (i, i), {}) for i in range(PIPELINE_CHUNK + 10)]
+    calls[-3] = (tasks.echo, (), {"name": "x\udc80"})
+    with pytest.raises(PayloadError, match=r"kwargs\['name'\].*surrogate"):
+        backend().bulk_enqueue(calls)
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("no_rows_written")
+def test_unstorable_positional_argument_and_task_run_after_are_refused():
+    with pytest.raises(PayloadError, match=r"args\[1\].*surrogate"):
+        tasks.echo.enqueue("fine", "\ud800")
+    with pytest.raises(PayloadError, match=r"args\[0\]\[0\] key '\\x00'"):
+        tasks.echo.enqueue([{"\x00": 1}])
+    with pytest.raises(InvalidEnqueue, match=r"run_after 9999-12-31.*too far"):
+        tasks.echo.using(run_after=FAR).enqueue(1)
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("no_rows_written")
+def test_expiry_beyond_the_last_readable_year_is_refused():
+    late = dt.datetime(9998, 6, 1, tzinfo=dt.UTC)
+    with pytest.raises(InvalidEnqueue, match=r"expires_in .* ends after 9999-01-01"):
+        tasks.echo.using(expires_in=timedelta(days=365)).enqueue(1, run_after=late)
+    with pytest.raises(InvalidEnqueue, match=r"expires_in"):
+        tasks.echo.using(expires_in=timedelta.max).enqueue(1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_far_but_readable_times_are_stored_and_read_back():
+    late = dt.datetime(9998, 12, 31, tzinfo=dt.UTC)
+    result = tasks.echo.enqueue(1, run_after=late)
+    assert result.raw_status == "WAITING"
+    assert tasks.echo.get_result(result.id).task.run_after == late
+    # readable in a session far east of UTC too (psycopg's loaders, as reproq's pools use)
+    with psycopg.connect(reproq_db.conninfo("default"), options="-c TimeZone=Etc/GMT-14") as conn:
+        (stored,) = conn.execute("SELECT run_after FROM reproq_task_runs WHERE id = %s",
+                                 [int(result.id)]).fetchone()
+    assert stored == late
+    delayed = tasks.echo.enqueue(2, run_after=timedelta(days=1_000_000))
+    assert TaskRun.objects.get(pk=delayed.id).run_after.year > 4700
+    expiring = tasks.echo.using(expires_in=timedelta(days=365)).enqueue(3, run_after=dt.datetime(
+        9997, 1, 1, tzinfo=dt.UTC))
+    assert TaskRun.objects.get(pk=expiring.id).expires_at.year == 9998
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("early", [
+    dt.datetime.min.replace(tzinfo=dt.UTC),
+    dt.datetime.min.replace(tzinfo=dt.timezone(timedelta(hours=14))),
+    dt.datetime.min.replace(tzinfo=dt.timezone(-timedelta(hours=14))),
+], ids=["utc", "east", "west"])
+def test_run_after_in_year_one_is_due_at_once_and_readable_in_any_time_zone(early):
+    result = tasks.echo.enqueue(1, run_after=early)
+    assert result.raw_status == "READY"
+    # A session far west of UTC (psycopg's own loaders, as reproq's pools use): year 1 in UTC
+    # would read as year 0 there, which Python cannot represent.
+    with psycopg.connect(reproq_db.conninfo("default"), options="-c TimeZone=Etc/GMT+12") as conn:
+        (stored,) = conn.execute("SELECT run_after FROM reproq_task_runs WHERE id = %s",
+                                 [int(result.id)]).fetchone()
+    assert stored == dt.datetime(1, 1, 2, tzinfo=dt.UTC)  # reproq.backend.EARLIEST_DUE

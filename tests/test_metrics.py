@@ -132,6 +132,68 @@ def test_runtime_counts_outcomes_queue_wait_and_durations():
                  pool=f"reproq-{worker}"[:63], state="max") > 0
 
 
+def label_values(parsed, name: str, label: str, **labels: str) -> set[str]:
+    want = set(labels.items())
+    return {dict(lab)[label] for (n, lab), _ in parsed.items()
+            if n == name and want <= set(lab) and label in dict(lab)}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_task_paths_and_queue_names_beyond_the_cap_share_the_other_series(settings):
+    """Hand-written rows can carry any task path and queue name: the series stay bounded."""
+    from reproq.asgi.metrics import OTHER, render
+
+    cap, paths, queues = 5, 40, 30
+    settings.REPROQ_RUNTIME = {**settings.REPROQ_RUNTIME, "METRICS_MAX_LABEL_VALUES": cap}
+    runs = [make_run("READY", "default", f"hand.written.task_{i}", max_attempts=1)
+            for i in range(paths)]
+    for i in range(queues):  # READY in queues no runtime serves: they stay
+        make_run("READY", f"hand-queue-{i}", f"hand.written.other_{i}")
+
+    async def body(rt):
+        assert rt.settings.metrics_max_label_values == cap
+        before = samples((await sync_to_async(render)()).decode())
+        for run in runs:
+            await wait_for(str(run.pk))
+        after = samples((await sync_to_async(render)()).decode())
+        return rt.worker_id, before, after
+
+    worker, before, after = run_with_runtime(body)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    # every failure counted, in at most `cap` task series of their own plus "(other)"
+    assert delta("reproq_tasks_total", outcome="failed", worker=worker) == paths
+    tasks_seen = label_values(after, "reproq_tasks_total", "task", worker=worker)
+    assert OTHER in tasks_seen
+    assert len(tasks_seen) <= cap + 1, tasks_seen
+    assert len(label_values(after, "reproq_run_duration_seconds_count", "task",
+                            worker=worker)) <= cap + 1
+    assert delta("reproq_tasks_total", task=OTHER, worker=worker) >= paths - cap
+    # the database gauges: the configured queues and the busiest others, the rest added up
+    depth_queues = label_values(after, "reproq_queue_depth", "queue")
+    assert len(depth_queues) == cap + 1 and OTHER in depth_queues, depth_queues
+    assert total(after, "reproq_queue_depth", state="READY") == TaskRun.objects.filter(
+        status="READY").count() == queues
+    assert len(label_values(after, "reproq_running", "queue")) == cap + 1
+    assert value(after, "reproq_queue_paused", queue=OTHER) == 0
+
+
+def test_metrics_label_cap_is_a_runtime_setting_with_env_override_and_validation():
+    from reproq.conf import explain_runtime, load_runtime_settings
+
+    rs, problems = load_runtime_settings(environ={})
+    assert rs.metrics_max_label_values == 500 and not problems
+    rs, problems = load_runtime_settings(environ={"REPROQ_METRICS_MAX_LABEL_VALUES": "50"})
+    assert rs.metrics_max_label_values == 50 and not problems
+    assert ("METRICS_MAX_LABEL_VALUES", 50, "env REPROQ_METRICS_MAX_LABEL_VALUES") in (
+        explain_runtime(rs))
+    for bad in ("0", "many", "-3"):
+        _, problems = load_runtime_settings(environ={"REPROQ_METRICS_MAX_LABEL_VALUES": bad})
+        assert any("METRICS_MAX_LABEL_VALUES" in p.setting for p in problems), bad
+
+
 @pytest.mark.servers
 @pytest.mark.django_db(transaction=True)
 def test_every_process_answers_with_all_processes_counters_in_multiprocess_mode(tmp_path):

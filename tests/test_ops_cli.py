@@ -372,6 +372,40 @@ def test_doctor_warns_about_what_keeps_tasks_from_running():
         call("doctor", "--strict")
 
 
+def test_doctor_warns_about_ready_runs_in_queues_no_live_runtime_serves():
+    now = timezone.now()
+    Worker.objects.create(id="w-live", hostname="h", pid=1, queues=["default", "emails"],
+                          concurrency=1, started_at=now, last_seen_at=now)
+    Worker.objects.create(id="w-stale", hostname="h", pid=2, queues=["reports", "lost-queue"],
+                          concurrency=1, started_at=now - timedelta(hours=2),
+                          last_seen_at=now - timedelta(hours=1))
+    Worker.objects.create(id="w-odd", hostname="h", pid=3, queues={"not": "a list"},
+                          concurrency=1, started_at=now, last_seen_at=now)
+    for _ in range(3):
+        make_run("READY", "default")
+    make_run("READY", "emails")
+    for _ in range(2):
+        make_run("READY", "reports")
+    make_run("READY", "lost-queue", "hand.written.task")
+    make_run("WAITING", "elsewhere")  # not READY: not reported
+    make_run("FAILED", "gone")
+    found = doctor_lines()
+    level, text = found["served queues"]
+    assert level == "warn"
+    assert "3 READY runs in 2 queues that no live runtime serves" in text, text
+    assert "reports (2), lost-queue (1)" in text, text
+    assert "default" not in text and "emails" not in text and "elsewhere" not in text
+    assert "--queues" in text  # says what to do
+    assert found["backlog"][0] == "ok"  # the backlog alone does not see it
+    with pytest.raises(CommandError, match="warnings"):
+        call("doctor", "--strict")
+
+    Worker.objects.filter(pk="w-live").update(queues=["default", "emails", "reports",
+                                                      "lost-queue"])
+    found = doctor_lines()
+    assert found["served queues"][0] == "ok"
+
+
 def test_doctor_fails_on_a_renamed_run_sequence_and_on_bad_input():
     from django.db import connection
 

@@ -14,7 +14,7 @@ from django.db import connection
 from django.tasks.exceptions import InvalidTask
 
 from reproq import payload
-from reproq.payload import MARK, ModelRef, PayloadError
+from reproq.payload import MARK, ModelRef, PayloadDecodeError, PayloadError
 from tests.testapp.models import Account, Document
 
 
@@ -269,6 +269,7 @@ class Opaque:
         (({1: "a"},), {}, "args[0] key 1", "str"),
         ((), {"d": {"k": {(1, 2): 3}}}, "kwargs['d']['k'] key (1, 2)", "str"),
         (({"k\x00": 1},), {}, "args[0] key", "NUL"),
+        ((), {"a\x00b": 1}, "keyword argument name 'a\\x00b'", "NUL"),
         (([1, [2, object()]],), {}, "args[0][1][1]", "object"),
         (((1, object()),), {}, "args[0][1]", "object"),
         (({"a": [None, {"b": float("nan")}]},), {}, "args[0]['a'][1]['b']", "nan"),
@@ -283,6 +284,49 @@ def test_unsupported_values_raise_payload_error_naming_the_argument(args, kwargs
         payload.encode_call(args, kwargs)
     message = assert_payload_error(excinfo, path, why)
     assert "reproq stores" in message  # says what would work
+
+
+def stored(args, kwargs):
+    """What enqueue does with a call before anything reaches the database."""
+    enc_args, enc_kwargs = payload.encode_call(args, kwargs)
+    return payload.dumps(enc_args, "args"), payload.dumps(enc_kwargs, "kwargs")
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "path"),
+    [
+        (("\ud800",), {}, "args[0]"),
+        (("ok", ["é\udfff"]), {}, "args[1][0]"),
+        ((), {"\ud83d": 1}, "keyword argument name '\\ud83d'"),
+        ((), {"k": "\udc80"}, "kwargs['k']"),
+        (({"\udc00": 1},), {}, "args[0] key '\\udc00'"),
+        (({"\ud800"},), {}, "args[0] item"),
+        ((("a", "\ud800"),), {}, "args[0][1]"),
+        (({"x": [{"__reproq__": "\ud800"}]},), {}, "args[0]['x'][0]['__reproq__']"),
+        ((), {"d": {"__reproq__": 1, "y": "\udfff"}}, "kwargs['d']['y']"),
+        (({"k": frozenset({("t", "\udbff")})},), {}, "args[0]['k'] item[1]"),
+    ],
+    ids=repr,
+)
+def test_lone_surrogates_are_refused_naming_the_argument(args, kwargs, path):
+    with pytest.raises(PayloadError) as excinfo:
+        stored(args, kwargs)
+    message = assert_payload_error(excinfo, path, "surrogate")
+    assert message.startswith(path), message
+    message.encode()  # printable: the surrogate is escaped in the message
+
+
+def test_text_that_is_valid_unicode_is_accepted_whatever_its_script():
+    for text in ("plain", "héllo", "日本語", "emoji 🎉", "\U0010ffff", "\ufffd", "\ud7ff\ue000"):
+        assert [json.loads(part) for part in stored((text,), {text: text})] == [
+            [text], {text: text}]
+
+
+def test_metadata_and_return_values_with_unstorable_text_name_where_it_is():
+    with pytest.raises(PayloadError, match=r"metadata\['note'\] has type builtins.str: .*surr"):
+        payload.dumps(payload.encode({"note": "half \ud800"}, "metadata"), "metadata")
+    with pytest.raises(PayloadError, match=r"return value key 'a\\x00'.*NUL"):
+        payload.encode({"a\x00": 1}, "return value")
 
 
 def test_subclasses_of_supported_types_are_rejected():
@@ -349,6 +393,120 @@ def test_decode_rejects_unknown_markers():
         payload.decode({MARK: "pickle", "v": "gASV"})
 
 
+# --------------------------------------------------------------------------- hand-written rows
+
+# Marker objects `encode` never writes, as SQL, pg_cron or another language might: each must
+# raise PayloadDecodeError naming the marker and its place, never come back as a made-up value.
+BAD_MARKERS = [
+    ({MARK: "bytes", "v": "not base64!"}, "'bytes' marker", "base64"),
+    ({MARK: "bytes", "v": "!!!!"}, "'bytes' marker", "base64"),  # lax decoding: b""
+    ({MARK: "bytes", "v": "QQ"}, "'bytes' marker", "base64"),  # padding missing
+    ({MARK: "bytes", "v": "QQ==\n"}, "'bytes' marker", "base64"),
+    ({MARK: "bytes", "v": 12}, "'bytes' marker", "base64"),
+    ({MARK: "datetime", "v": "yesterday"}, "'datetime' marker", "ISO 8601"),
+    ({MARK: "datetime", "v": 1715938200}, "'datetime' marker", "ISO 8601"),
+    ({MARK: "date", "v": "2024-13-01"}, "'date' marker", "ISO 8601"),
+    ({MARK: "time", "v": "25:00"}, "'time' marker", "ISO 8601"),
+    ({MARK: "time", "v": None}, "'time' marker", "ISO 8601"),
+    ({MARK: "timedelta", "v": [1, 2]}, "'timedelta' marker", "three integers"),
+    ({MARK: "timedelta", "v": [1, 2, 3.5]}, "'timedelta' marker", "three integers"),
+    ({MARK: "timedelta", "v": [True, 0, 0]}, "'timedelta' marker", "three integers"),
+    ({MARK: "timedelta", "v": "1 day"}, "'timedelta' marker", "three integers"),
+    ({MARK: "timedelta", "v": [10**10, 0, 0]}, "'timedelta' marker", "out of range"),
+    ({MARK: "decimal", "v": "twelve"}, "'decimal' marker", "decimal number"),
+    ({MARK: "decimal", "v": " 1.5 "}, "'decimal' marker", "decimal number"),
+    ({MARK: "decimal", "v": "1_000"}, "'decimal' marker", "decimal number"),
+    ({MARK: "decimal", "v": 1.5}, "'decimal' marker", "decimal number"),
+    ({MARK: "float", "v": "nan"}, "'float' marker", "finite number"),
+    ({MARK: "float", "v": "1e5000"}, "'float' marker", "range"),
+    ({MARK: "float", "v": "1_0"}, "'float' marker", "finite number"),
+    ({MARK: "float", "v": 1e20}, "'float' marker", "finite number"),
+    ({MARK: "uuid", "v": "1234"}, "'uuid' marker", "8-4-4-4-12"),
+    ({MARK: "uuid", "v": "{12345678-1234-5678-1234-567812345678}"}, "'uuid' marker", "8-4-4-4-12"),
+    ({MARK: "uuid", "v": "urn:uuid:12345678-1234-5678-1234-567812345678"}, "'uuid' marker",
+     "8-4-4-4-12"),
+    ({MARK: "uuid", "v": "123456781234567812345678123456-78"}, "'uuid' marker", "8-4-4-4-12"),
+    ({MARK: "tuple", "v": "ab"}, "'tuple' marker", "JSON array"),
+    ({MARK: "set", "v": {"a": 1}}, "'set' marker", "JSON array"),
+    ({MARK: "set", "v": [[1, 2]]}, "'set' marker", "cannot be in a set"),
+    ({MARK: "frozenset", "v": [{"a": 1}]}, "'frozenset' marker", "cannot be in a set"),
+    ({MARK: "dict", "v": [1]}, "'dict' marker", "JSON object"),
+    ({MARK: "model", "v": "testapp.Account:1"}, "'model' marker", "app_label.Model"),
+    ({MARK: "model", "v": ["testapp.Account"]}, "'model' marker", "app_label.Model"),
+    ({MARK: "model", "v": ["no label", 1]}, "'model' marker", "app_label.Model"),
+    ({MARK: "model", "v": ["testapp.Account", [1]]}, "'model' marker", "primary key"),
+    ({MARK: "bytes"}, "'bytes' marker", "exactly the keys"),
+    ({MARK: "bytes", "v": "", "extra": 1}, "'bytes' marker", "exactly the keys"),
+    ({MARK: "pickle", "v": "gASV"}, "unknown payload marker 'pickle'", ""),
+    ({MARK: 7, "v": 1}, "unknown payload marker 7", ""),
+]
+
+
+@pytest.mark.parametrize(("marker", "names", "why"), BAD_MARKERS,
+                         ids=[repr(m)[:60] for m, _, _ in BAD_MARKERS])
+def test_hand_written_markers_that_encode_never_writes_fail_to_decode(marker, names, why):
+    stored = [1, {"file": [None, marker]}]
+    with pytest.raises(PayloadDecodeError) as excinfo:
+        payload.decode(stored)
+    message = str(excinfo.value)
+    assert message.startswith("payload[1]['file'][1]: "), message
+    assert names in message and why in message, message
+    assert isinstance(excinfo.value, ValueError)
+    assert not isinstance(excinfo.value, LookupError)  # the runtime would retry a LookupError
+    with pytest.raises(PayloadDecodeError):
+        payload.decode(stored, None)  # without loading models too
+
+
+def test_decode_error_names_the_place_inside_markers_and_under_the_given_name():
+    bad = {MARK: "bytes", "v": "%%%"}
+    cases = [
+        ({MARK: "tuple", "v": [0, bad]}, "args[0][1]: "),
+        ({MARK: "set", "v": [{MARK: "tuple", "v": [bad]}]}, "args[0] item[0]: "),
+        ({MARK: "dict", "v": {MARK: 1, "k": bad}}, "args[0]['k']: "),
+        ({MARK: "model", "v": ["testapp.Account", bad]}, "args[0].pk: "),
+    ]
+    for value, where in cases:
+        with pytest.raises(PayloadDecodeError) as excinfo:
+            payload.decode([value], where="args")
+        assert str(excinfo.value).startswith(where), str(excinfo.value)
+
+
+def test_decode_error_messages_do_not_repeat_the_stored_value():
+    secret = "c2VjcmV0LXRva2Vu!"  # not base64 because of the "!"
+    with pytest.raises(PayloadDecodeError) as excinfo:
+        payload.decode({"token": {MARK: "bytes", "v": secret}})
+    assert secret not in str(excinfo.value)
+    for kind, raw in (("date", "secret-date"), ("decimal", "secret-number"),
+                      ("uuid", "secret-uuid")):
+        with pytest.raises(PayloadDecodeError) as excinfo:
+            payload.decode({MARK: kind, "v": raw})
+        assert raw not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("value", [
+    b"", b"\x00\xff" * 10, Decimal("NaN"), Decimal("-Infinity"), Decimal("sNaN"),
+    Decimal("-0E-7"), Decimal("1E+999999"), Decimal("1.50"), -1e300, 1e16, -2.5e17,
+    dt.timedelta(days=-999_999_999), dt.timedelta.max,
+    uuid.UUID(int=0), uuid.UUID(int=2**128 - 1), dt.time(23, 59, 59, 999999, tzinfo=dt.UTC),
+    dt.datetime.min, dt.datetime.max.replace(tzinfo=ZoneInfo("Pacific/Kiritimati")),
+], ids=repr)
+def test_strict_decoding_still_reads_everything_encode_writes(value):
+    back = roundtrip(value)
+    if isinstance(value, Decimal) and value.is_nan():  # NaN != NaN
+        assert type(back) is Decimal and str(back) == str(value)
+    else:
+        assert_same(value, back)
+
+
+def test_hand_written_markers_in_the_forms_other_writers_use_are_accepted():
+    assert payload.decode({MARK: "uuid", "v": "ABCDEF01-2345-6789-ABCD-EF0123456789"}) == uuid.UUID(
+        "abcdef01-2345-6789-abcd-ef0123456789")
+    assert payload.decode({MARK: "decimal", "v": "1e2"}) == Decimal("100")
+    assert payload.decode({MARK: "float", "v": "1.5"}) == 1.5
+    assert payload.decode({MARK: "datetime", "v": "2024-05-17T09:30:00Z"}) == dt.datetime(
+        2024, 5, 17, 9, 30, tzinfo=dt.UTC)
+
+
 # --------------------------------------------------------------------------- spec_hash
 
 
@@ -409,3 +567,27 @@ def test_spec_hash_distinguishes_types_with_the_same_json():
     assert spec(args=([1, 2],)) != spec(args=((1, 2),))
     assert spec(args=({1, 2},)) != spec(args=(frozenset({1, 2}),))
     assert spec(args=("2024-01-01",)) != spec(args=(dt.date(2024, 1, 1),))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_hand_written_row_with_a_non_base64_bytes_marker_fails_at_once_without_retry():
+    from tests.dashboard_helpers import make_run
+    from tests.runtime_helpers import run_with_runtime, wait_for
+
+    bad = make_run("READY", task="tests.testapp.tasks.echo", max_attempts=3,
+                   args=["fine", {MARK: "bytes", "v": "%%%%"}], kwargs={})  # lax: b""
+    good = make_run("READY", task="tests.testapp.tasks.echo", max_attempts=3,
+                    args=[{MARK: "bytes", "v": "aGk="}], kwargs={})
+
+    async def body(rt):
+        return await wait_for(str(bad.pk)), await wait_for(str(good.pk))
+
+    failed, succeeded = run_with_runtime(body)
+    assert failed.raw_status == "FAILED"
+    assert failed.errors and len(failed.errors) == 1  # not retried: 1 attempt of 3
+    assert failed.errors[0].exception_class_path == "reproq.payload.PayloadDecodeError"
+    assert "payload[1]: a 'bytes' marker holds text that is not valid base64" in (
+        failed.errors[0].traceback)
+    assert "PayloadDecodeError" in failed.status_reason
+    assert succeeded.raw_status == "SUCCESSFUL"
+    assert succeeded.return_value == {"args": [b"hi"], "kwargs": {}}

@@ -15,6 +15,13 @@ Two kinds of numbers, so that a scrape is right however many processes serve the
 * Process-local gauges (``reproq_pool_connections``, ``reproq_sse_clients``,
   ``reproq_runtime_up``, ``reproq_runtime_crashes_total``) describe the process that answered.
 
+Label values are bounded: a process keeps its own series for the first
+``METRICS_MAX_LABEL_VALUES`` (REPROQ_RUNTIME, default 500) distinct queue names and, separately,
+task paths it records; later ones share the ``(other)`` series (no queue or task can be called
+that). Hand-written rows can carry any task path or queue name, and prometheus-client keeps a
+series until the process ends, so without the cap they would grow without limit. The database
+gauges keep the configured queues and the busiest others, and add the rest up under ``(other)``.
+
 See docs/metrics.md.
 """
 
@@ -65,43 +72,97 @@ def multiprocess_dir() -> str:
 # --------------------------------------------------------------------------- runtime hooks
 
 
-_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+# The label value that stands for every queue name or task path beyond the cap. Parentheses
+# are neither in a queue name (conf.QUEUE_NAME_RE) nor in a dotted import path.
+OTHER = "(other)"
+
+
+class LabelCap:
+    """The first `limit` distinct values of one label keep their own series; later ones are
+    `OTHER`. A value once admitted keeps its series (prometheus-client never drops one)."""
+
+    __slots__ = ("admitted",)
+
+    def __init__(self) -> None:
+        self.admitted: set[str] = set()
+
+    def __call__(self, value: str, limit: int) -> str:
+        if value in self.admitted:
+            return value
+        if len(self.admitted) < limit:
+            self.admitted.add(value)
+            return value
+        return OTHER
+
+
+QUEUE_LABELS = LabelCap()
+TASK_LABELS = LabelCap()
+
+_CHILDREN: dict[tuple[Any, ...], Any] = {}
 _CHILDREN_MAX = 4096
 
 
-def _child(metric: Any, *labels: str) -> Any:
-    """``metric.labels(*labels)``, remembered: the runtime records every run, and
-    prometheus-client's lookup (validation, a lock) costs more than the increment itself."""
-    key = (id(metric), labels)
+def _child(metric: Any, limit: int, queue: str, task: str | None, *rest: str) -> Any:
+    """``metric.labels(queue, [task,] *rest)`` with queue and task capped (`LabelCap`),
+    remembered: the runtime records every run, and prometheus-client's lookup (validation, a
+    lock) costs more than the increment itself."""
+    key = (id(metric), queue, task, rest)
     child = _CHILDREN.get(key)
     if child is None:
         if len(_CHILDREN) >= _CHILDREN_MAX:
             _CHILDREN.clear()
-        child = _CHILDREN[key] = metric.labels(*labels)
+        labels = [QUEUE_LABELS(queue, limit)]
+        if task is not None:
+            labels.append(TASK_LABELS(task, limit))
+        child = _CHILDREN[key] = metric.labels(*labels, *rest)
     return child
 
 
 def record_claimed(runtime: Runtime, rows: list[dict[str, Any]]) -> None:
     """Called by the runtime with every claim's rows: queue wait of started attempts."""
     worker = runtime.worker_id
+    limit = runtime.settings.metrics_max_label_values
     for row in rows:
         status = row.get("status")
         if status == "RUNNING":
             wait = row.get("queue_wait")  # computed by the claim (reproq.sql._CLAIM_RETURNING)
             if wait is not None:
-                _child(QUEUE_WAIT, row["queue_name"], worker).observe(wait)
+                _child(QUEUE_WAIT, limit, row["queue_name"], None, worker).observe(wait)
         elif status == "EXPIRED":
-            _child(TASKS, row["queue_name"], row["task_path"], "expired", worker).inc()
+            _child(TASKS, limit, row["queue_name"], row["task_path"], "expired", worker).inc()
 
 
 def record_completion(runtime: Runtime, completion: Completion) -> None:
     """Called by the runtime for every finished attempt."""
     outcome = OUTCOMES.get(completion.status) or completion.status.lower()
     worker = runtime.worker_id
-    _child(TASKS, completion.queue_name, completion.task_path, outcome, worker).inc()
+    limit = runtime.settings.metrics_max_label_values
+    _child(TASKS, limit, completion.queue_name, completion.task_path, outcome, worker).inc()
     if outcome != "expired":
-        _child(RUN_DURATION, completion.queue_name, completion.task_path, worker).observe(
-            max(completion.duration, 0.0))
+        _child(RUN_DURATION, limit, completion.queue_name, completion.task_path,
+               worker).observe(max(completion.duration, 0.0))
+
+
+def capped_queues(queues: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The rows of `stats.queue_table` for the queue gauges: at most `limit` queues of their
+    own — the configured ones first, then the busiest — and one `OTHER` row adding up the rest
+    (paused when all of them are)."""
+    if len(queues) <= limit:
+        return queues
+    from ..dashboard.conf import configured_queues
+
+    configured = set(configured_queues())
+
+    def rank(q: dict[str, Any]) -> tuple[bool, int, str]:
+        return (q["name"] not in configured,
+                -(q["ready"] + q["waiting"] + q["running"]), q["name"])
+
+    ordered = sorted(queues, key=rank)
+    kept, rest = ordered[:limit], ordered[limit:]
+    other = {"name": OTHER, "paused": all(q["paused"] for q in rest)}
+    for field in ("ready", "waiting", "blocked", "running"):
+        other[field] = sum(q[field] for q in rest)
+    return [*kept, other]
 
 
 # --------------------------------------------------------------------------- collectors
@@ -139,7 +200,11 @@ class DatabaseCollector:
             return
         ok.add_metric([], 1)
         yield ok
-        queues = {q["name"]: q for q in stats.queue_table(active, controls, {})}
+        from ..conf import current_runtime_settings
+
+        limit = current_runtime_settings().metrics_max_label_values
+        queues = {q["name"]: q for q in capped_queues(stats.queue_table(active, controls, {}),
+                                                      limit)}
 
         depth = GaugeMetricFamily("reproq_queue_depth", "Runs waiting in a queue by state: "
                                   "READY (due), WAITING (deferred or retrying; BLOCKED is the "
