@@ -115,8 +115,8 @@ def load_row(row: dict[str, Any]) -> None:
 def decode_call(row: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     """Arguments as the task receives them; a damaged payload is a non-retryable error."""
     try:
-        args = payload.decode(row["args"])
-        kwargs = payload.decode(row["kwargs"])
+        args = payload.decode(row["args"], where="args")
+        kwargs = payload.decode(row["kwargs"], where="kwargs")
     except LookupError:
         raise
     except Exception as exc:
