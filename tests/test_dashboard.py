@@ -240,6 +240,16 @@ def test_cancel_takes_at_most_10000_runs_at_every_entry_point(token):
     assert TaskRun.objects.get(pk=run.pk).status == "CANCELLED"
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("raw", ["\u0661", "\u00b2", "99999999999999999999", "-1", "1e3"])
+def test_event_stream_reads_last_event_id_strictly(token, raw):
+    for headers, query in (({"Last-Event-ID": raw}, {}), ({}, {"last_event_id": raw}),
+                           ({}, {"since": raw})):
+        resp = Client().get("/reproq/events/", query, headers={**_auth(), **headers})
+        assert resp.status_code == 400, (headers, query, resp.content[:200])
+        assert "Last-Event-ID" in resp.json()["error"]
+
+
 # --------------------------------------------------------------------------- escaping
 
 
