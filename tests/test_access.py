@@ -415,3 +415,38 @@ def test_forwarded_for_from_a_trusted_proxy_names_the_client(servers):
     codes = [_get(srv, "wrong", "10.9.9.9") for _ in range(4)]
     assert codes == [403, 403, 403, 429]
     assert _get(srv, "wrong", "10.9.9.8") == 403  # counted per forwarded client
+
+
+@pytest.mark.servers
+@pytest.mark.django_db(transaction=True)
+def test_a_proxy_on_a_unix_socket_is_trusted_only_when_listed(servers, tmp_path):
+    from tests.servers import APP, wait_until
+
+    def start(name: str, env: dict[str, str]) -> tuple[object, str]:
+        sock = str(tmp_path / f"{name}.sock")
+        srv = servers._spawn(name, ["uvicorn", APP, "--uds", sock, "--lifespan", "on"],
+                             {"REPROQ_AUTOSTART": "0", "REPROQ_ALLOWED_CIDRS": "10.0.0.0/8",
+                              **env})
+        return srv, sock
+
+    def get(srv, sock: str, forwarded: str | None = None) -> int | None:
+        srv.check_alive()
+        headers = {"Authorization": f"Bearer {srv.token}", "Connection": "close"}
+        if forwarded is not None:
+            headers["X-Forwarded-For"] = forwarded
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=sock), trust_env=False,
+                              timeout=10.0) as client:
+                return client.get("http://proxy/reproq/stats/", headers=headers).status_code
+        except httpx.HTTPError:
+            return None
+
+    trusted, trusted_sock = start("uds-trusted", {"REPROQ_TRUSTED_PROXIES": "unix"})
+    plain, plain_sock = start("uds-plain", {})
+    for srv, sock in ((trusted, trusted_sock), (plain, plain_sock)):
+        wait_until(lambda s=srv, k=sock: get(s, k) is not None, timeout=30, interval=0.1,
+                   what=f"{srv.name} to answer", describe=srv.log_tail)
+    assert get(trusted, trusted_sock) == 403  # no header: the client is unknown
+    assert get(trusted, trusted_sock, "10.1.2.3") == 200
+    assert get(trusted, trusted_sock, "198.51.100.1") == 403
+    assert get(plain, plain_sock, "10.1.2.3") == 403
