@@ -33,6 +33,29 @@ def _pretty(value: Any) -> str:
                                                    default=str))
 
 
+def _pause_each(model_admin: admin.ModelAdmin, request: HttpRequest,
+                queues: list[tuple[str, str]], paused: bool) -> None:
+    """Pause or resume each (queue, reason); a queue name written by hand that is not a valid
+    name is skipped with an error message instead of failing the whole action."""
+    from .control import set_paused
+
+    done, invalid = [], []
+    for queue, reason in queues:
+        try:
+            set_paused(queue, paused, reason=reason, by=request.user.get_username())
+        except ValueError:
+            invalid.append(queue)
+        else:
+            done.append(queue)
+    if done:
+        model_admin.message_user(request, f"{'paused' if paused else 'resumed'}: "
+                                 f"{', '.join(done)}", messages.SUCCESS)
+    if invalid:
+        model_admin.message_user(request, "skipped invalid queue names (use 1-64 characters "
+                                 "from letters, digits, _ . : -): "
+                                 + ", ".join(repr(q[:80]) for q in invalid), messages.ERROR)
+
+
 @admin.register(TaskRun)
 class TaskRunAdmin(admin.ModelAdmin):
     """Task runs on tables of millions of rows: estimated counts (no COUNT(*)), filters and
@@ -157,15 +180,9 @@ class TaskRunAdmin(admin.ModelAdmin):
 
     def _set_paused(self, request: HttpRequest, queryset: QuerySet[TaskRun],
                     paused: bool) -> None:
-        from .control import set_paused
-
         queues = sorted(set(queryset.order_by().values_list("queue_name", flat=True)
                             .distinct()[:100]))
-        for queue in queues:
-            set_paused(queue, paused, reason="admin" if paused else "",
-                       by=request.user.get_username())
-        self.message_user(request, f"{'paused' if paused else 'resumed'}: {', '.join(queues)}",
-                          messages.SUCCESS)
+        _pause_each(self, request, [(q, "admin" if paused else "") for q in queues], paused)
 
     @admin.action(description="Pause the queues of the selected runs")
     def pause_queues(self, request: HttpRequest, queryset: QuerySet[TaskRun]) -> None:
@@ -186,26 +203,35 @@ class WorkerAdmin(admin.ModelAdmin):
         return False
 
 
+class QueueControlForm(forms.ModelForm):
+    """The queue name is checked like `reproq pause-queue` checks it (no 500 on a bad name)."""
+
+    class Meta:
+        model = QueueControl
+        fields = ("queue_name", "paused", "reason")
+
+    def clean_queue_name(self) -> str:
+        from .control import validate_queue
+
+        try:
+            return validate_queue(self.cleaned_data["queue_name"])
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+
+
 @admin.register(QueueControl)
 class QueueControlAdmin(admin.ModelAdmin):
+    form = QueueControlForm
     list_display = ("queue_name", "paused", "reason", "updated_at", "updated_by")
     actions = ["pause", "resume"]
 
     @admin.action(description="Pause selected queues")
     def pause(self, request: HttpRequest, queryset: QuerySet[QueueControl]) -> None:
-        from .control import set_paused
-
-        for qc in queryset:
-            set_paused(qc.queue_name, True, reason=qc.reason, by=request.user.get_username())
-        self.message_user(request, "paused", messages.SUCCESS)
+        _pause_each(self, request, [(qc.queue_name, qc.reason) for qc in queryset], True)
 
     @admin.action(description="Resume selected queues")
     def resume(self, request: HttpRequest, queryset: QuerySet[QueueControl]) -> None:
-        from .control import set_paused
-
-        for qc in queryset:
-            set_paused(qc.queue_name, False, by=request.user.get_username())
-        self.message_user(request, "resumed", messages.SUCCESS)
+        _pause_each(self, request, [(qc.queue_name, "") for qc in queryset], False)
 
     def save_model(self, request: HttpRequest, obj: QueueControl, form: Any, change: bool) -> None:
         from .control import set_paused

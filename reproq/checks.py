@@ -1,4 +1,5 @@
-"""System checks: REPROQ_RUNTIME values, and (with ``--database``) whether any runtime is alive.
+"""System checks: REPROQ_RUNTIME values, the access settings (reproq.access), and (with
+``--database``) whether any runtime is alive.
 
 Backend OPTIONS are checked by `ReproqBackend.check`, which Django runs for every TASKS entry.
 """
@@ -18,6 +19,21 @@ def check_runtime_settings(app_configs: Any = None, **kwargs: Any) -> list[check
         checks.Error(f"{p.setting}: {p.message}", hint=p.hint, id="reproq.E010")
         for p in problems
     ]
+
+
+def check_access_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """REPROQ_ALLOWED_CIDRS, REPROQ_TRUSTED_PROXIES and the other access settings: an invalid
+    one makes every reproq endpoint refuse (fail closed), so it is an error here."""
+    from .access import settings_problems, token_warnings
+
+    found: list[checks.CheckMessage] = [
+        checks.Error(f"{p.setting}: {p.message}", hint=p.hint, id="reproq.E030")
+        for p in settings_problems()
+    ]
+    found += [checks.Warning(w, hint="use a long random token, e.g. python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))'", id="reproq.W031")
+              for w in token_warnings()]
+    return found
 
 
 def check_runtime_alive(app_configs: Any = None, databases: Any = None,
@@ -61,4 +77,5 @@ def check_runtime_alive(app_configs: Any = None, databases: Any = None,
 
 def register() -> None:
     checks.register(check_runtime_settings, "reproq")
+    checks.register(check_access_settings, "reproq")
     checks.register(check_runtime_alive, "reproq", checks.Tags.database)

@@ -14,6 +14,7 @@ from django.db import connections
 
 from . import sql
 from .conf import QUEUE_NAME_RE
+from .ids import parse_ids
 
 RATE_KEY_RE = re.compile(r"^(global|queue:[A-Za-z0-9_.:-]{1,64}|task:[A-Za-z_][\w.]{0,240})$")
 
@@ -28,8 +29,9 @@ def _database(database: str | None) -> str:
 
 def cancel_runs(ids: Iterable[int | str], database: str | None = None) -> int:
     """Cancel runs: waiting ones end CANCELLED at once, running ones are told to stop. Returns
-    how many runs were still active."""
-    clean = [int(i) for i in ids]
+    how many runs were still active. At most `reproq.ids.MAX_IDS` (10,000) distinct ids per
+    call (ValueError beyond, and for anything that is not a run id)."""
+    clean = parse_ids(ids)
     if not clean:
         return 0
     with connections[_database(database)].cursor() as cursor:
@@ -41,7 +43,7 @@ def cancel_runs(ids: Iterable[int | str], database: str | None = None) -> int:
 async def acancel_runs(ids: Iterable[int | str], database: str | None = None) -> int:
     from .db import get_pool
 
-    clean = [int(i) for i in ids]
+    clean = parse_ids(ids)
     if not clean:
         return 0
     pool = await get_pool(_database(database))

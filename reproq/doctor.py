@@ -54,7 +54,8 @@ def _settings() -> Iterator[Finding]:
     messages = [m for m in run_checks(include_deployment_checks=False)
                 if (m.id or "").startswith("reproq.") and m.level >= WARNING]
     if not messages:
-        yield Finding(OK, "settings", "REPROQ_RUNTIME and the reproq TASKS options are valid")
+        yield Finding(OK, "settings", "REPROQ_RUNTIME, the reproq TASKS options and the access "
+                      "settings are valid")
     for m in messages:
         yield Finding(FAIL if m.is_serious() else WARN, "settings", str(m.msg), m.hint or "")
 

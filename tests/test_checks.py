@@ -359,3 +359,45 @@ def test_runtime_settings_cache_follows_setting_changes():
     with override_settings(REPROQ_RUNTIME={"PRIORITY_AGING_FACTOR": 5}):
         assert current_runtime_settings().priority_aging_factor == 5
     assert current_runtime_settings().priority_aging_factor == 0
+
+
+# --------------------------------------------------------------------------- access settings
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("REPROQ_ALLOWED_CIDRS", ["10.0.0.0/8", "10.0.0.0/33"], "invalid network '10.0.0.0/33'"),
+    ("REPROQ_ALLOWED_CIDRS", "10.0.0.0/8, nope", "invalid network 'nope'"),
+    ("REPROQ_ALLOWED_CIDRS", 10, "must be a list of networks, got int"),
+    ("REPROQ_TRUSTED_PROXIES", ["127.0.0.1", "localhost"], "invalid network 'localhost'"),
+    ("REPROQ_AUTH_FAILURE_LIMIT", 0, "0 is not valid"),
+    ("REPROQ_AUTH_FAILURE_WINDOW_SECONDS", "60", "'60' is not valid"),
+    ("REPROQ_HEALTHZ_PUBLIC", "yes", "'yes' is not True or False"),
+])
+def test_invalid_access_settings_fail_the_system_check(name, value, message):
+    with override_settings(**{name: value}):
+        errors = [m for m in checks.run_checks() if m.id == "reproq.E030"]
+        assert [e.msg for e in errors] == [f"{name}: {message}"], errors
+        with pytest.raises(SystemCheckError, match=r"reproq\.E030"):
+            run_check()
+
+
+def test_access_settings_from_the_environment_are_checked_and_explained(monkeypatch):
+    monkeypatch.setenv("REPROQ_TRUSTED_PROXIES", "10.0.0.0/8,unix,10.0.0.0/99")
+    errors = [m for m in checks.run_checks() if m.id == "reproq.E030"]
+    assert [e.msg for e in errors] == [
+        "REPROQ_TRUSTED_PROXIES (from env REPROQ_TRUSTED_PROXIES): invalid network "
+        "'10.0.0.0/99'"]
+    monkeypatch.setenv("REPROQ_TRUSTED_PROXIES", "10.0.0.0/8,unix")
+    monkeypatch.setenv("REPROQ_HEALTHZ_PUBLIC", "on")
+    monkeypatch.setenv("REPROQ_API_TOKEN", "short")
+    assert [m.id for m in checks.run_checks() if m.id.startswith("reproq.")] == ["reproq.W031"]
+    out = StringIO()
+    call_command("reproq", "config", "--explain", stdout=out)
+    text = out.getvalue()
+    assert "short" not in text  # the token is never printed
+    lines = {line.split()[0]: line for line in text.splitlines()}
+    assert "(set, 5 characters)" in lines["REPROQ_API_TOKEN"]
+    assert "['10.0.0.0/8', 'unix']" in lines["REPROQ_TRUSTED_PROXIES"]
+    assert "(env REPROQ_TRUSTED_PROXIES)" in lines["REPROQ_TRUSTED_PROXIES"]
+    assert "True" in lines["REPROQ_HEALTHZ_PUBLIC"] and "(env " in lines["REPROQ_HEALTHZ_PUBLIC"]
+    assert "(default)" in lines["REPROQ_ALLOWED_CIDRS"]

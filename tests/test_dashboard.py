@@ -8,6 +8,8 @@ to test-artifacts/dashboard.png. Timings on 1,000,000 rows: tests/test_dashboard
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
 import re
@@ -189,6 +191,65 @@ def test_actions_need_csrf_for_sessions_and_change_the_database(staff_client, to
     assert api.get("/reproq/action/", headers=_auth()).status_code == 405
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("raw", [
+    "99999999999999999999",  # beyond bigint
+    "9223372036854775808",  # 2**63
+    "\u0661",  # an Arabic-Indic digit one, which int() reads as 1
+    "\u00b2",  # a superscript two, which str.isdigit() accepts
+    "0", "-1", "1_0", "1e3", "0x1", "#", "1,,\u0967",
+])
+def test_action_ids_are_ascii_digits_in_bigint_range_or_400(token, raw):
+    first = make_run("READY", "default")
+    api = Client(enforce_csrf_checks=True)
+    resp = api.post("/reproq/action/", {"action": "cancel", "id": raw}, headers=_auth())
+    assert resp.status_code == 400, resp.content[:300]
+    assert resp.json()["ok"] is False and "run id" in resp.json()["error"]
+    assert TaskRun.objects.get(pk=first.pk).status == "READY"
+    for action in ("retry", "replay", "discard"):
+        resp = api.post("/reproq/action/", {"action": action, "id": raw}, headers=_auth())
+        assert resp.status_code == 400, (action, resp.content[:300])
+    # The largest bigint is a valid id (of no run).
+    resp = api.post("/reproq/action/", {"action": "cancel", "id": str(2**63 - 1)},
+                    headers=_auth())
+    assert resp.status_code == 200 and resp.json()["changed"] == 0
+
+
+@pytest.mark.django_db
+def test_cancel_takes_at_most_10000_runs_at_every_entry_point(token):
+    from django.core.management import CommandError, call_command
+
+    from reproq.control import acancel_runs, cancel_runs
+
+    run = make_run("READY", "default")
+    ids = [run.pk, *range(10**9, 10**9 + 10_000)]
+    api = Client(enforce_csrf_checks=True)
+    resp = api.post("/reproq/action/", {"action": "cancel", "id": ",".join(map(str, ids))},
+                    headers=_auth())
+    assert resp.status_code == 400 and "at most 10000" in resp.json()["error"]
+    with pytest.raises(ValueError, match="at most 10000"):
+        cancel_runs(ids)
+    with pytest.raises(ValueError, match="at most 10000"):
+        asyncio.run(acancel_runs(ids))
+    argv = [arg for i in ids for arg in ("--id", str(i))]
+    with pytest.raises(CommandError, match="at most 10000"):
+        call_command("reproq", "cancel", *argv, stdout=io.StringIO())
+    assert TaskRun.objects.get(pk=run.pk).status == "READY"
+    # Exactly 10,000 (duplicates count once) is fine.
+    assert cancel_runs([run.pk, run.pk, *ids[1:10_000]]) == 1
+    assert TaskRun.objects.get(pk=run.pk).status == "CANCELLED"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("raw", ["\u0661", "\u00b2", "99999999999999999999", "-1", "1e3"])
+def test_event_stream_reads_last_event_id_strictly(token, raw):
+    for headers, query in (({"Last-Event-ID": raw}, {}), ({}, {"last_event_id": raw}),
+                           ({}, {"since": raw})):
+        resp = Client().get("/reproq/events/", query, headers={**_auth(), **headers})
+        assert resp.status_code == 400, (headers, query, resp.content[:200])
+        assert "Last-Event-ID" in resp.json()["error"]
+
+
 # --------------------------------------------------------------------------- escaping
 
 
@@ -266,6 +327,41 @@ def test_admin_filters_search_and_actions(staff_client):
     act("discard_runs", [done, running])
     assert not TaskRun.objects.filter(pk=done.pk).exists()
     assert TaskRun.objects.filter(pk=running.pk).exists()  # running runs are kept
+
+
+@pytest.mark.django_db
+def test_admin_search_for_odd_numbers_and_queue_actions_on_bad_names_answer_cleanly(
+        staff_client):
+    run = make_run("READY", "default")
+    odd = make_run("READY", "bad queue!")  # written by hand: not a valid queue name
+    base = "/admin/reproq/taskrun/"
+    for term in ("\u00b2", "\u0661", "99999999999999999999", "#9223372036854775808", "#"):
+        page = staff_client.get(base, {"q": term})
+        assert page.status_code == 200, (term, page.content[:300])
+        assert f'value="{run.pk}"' not in page.content.decode()
+    page = staff_client.get(base, {"q": f"#{run.pk}"})
+    assert f'name="_selected_action" value="{run.pk}"' in page.content.decode()
+
+    staff_client.get(base)
+    csrf = staff_client.cookies["csrftoken"].value
+    for action in ("pause_queues", "resume_queues"):
+        resp = staff_client.post(base, {"action": action, "csrfmiddlewaretoken": csrf,
+                                        "_selected_action": [run.pk, odd.pk]}, follow=True)
+        assert resp.status_code == 200, resp.content[:300]
+        text = resp.content.decode()
+        assert "Skipped invalid queue names" in text and "bad queue!" in text
+    assert not QueueControl.objects.filter(queue_name="bad queue!").exists()
+    assert QueueControl.objects.get(queue_name="default").paused is False  # paused, resumed
+    # The queue controls' own form refuses such a name instead of failing on save.
+    resp = staff_client.post("/admin/reproq/queuecontrol/add/", {
+        "queue_name": "bad queue!", "paused": "on", "reason": "",
+        "csrfmiddlewaretoken": csrf})
+    assert resp.status_code == 200 and "invalid queue name" in resp.content.decode()
+    QueueControl.objects.create(queue_name="also bad!", paused=False)
+    resp = staff_client.post("/admin/reproq/queuecontrol/", {
+        "action": "pause", "csrfmiddlewaretoken": csrf, "_selected_action": ["also bad!"]},
+        follow=True)
+    assert resp.status_code == 200 and "Skipped invalid queue names" in resp.content.decode()
 
 
 # --------------------------------------------------------------------------- SSE (unit)

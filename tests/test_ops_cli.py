@@ -429,6 +429,29 @@ def test_doctor_fails_on_a_renamed_run_sequence_and_on_bad_input():
                 ["--id", "1"] if command == "replay" else []))
 
 
+def test_doctor_fails_on_invalid_address_settings(settings, monkeypatch):
+    settings.REPROQ_ALLOWED_CIDRS = ["10.0.0.0/8", "10.0.0.300/32"]
+    monkeypatch.setenv("REPROQ_TRUSTED_PROXIES", "127.0.0.1,proxy.internal")
+    out = StringIO()
+    with pytest.raises(CommandError, match="doctor: 2 failed"):
+        call_command("reproq", "doctor", stdout=out)
+    text = out.getvalue()
+    assert "FAIL  settings" in text
+    assert "REPROQ_ALLOWED_CIDRS: invalid network '10.0.0.300/32'" in text
+    assert "REPROQ_TRUSTED_PROXIES (from env REPROQ_TRUSTED_PROXIES): invalid network " \
+           "'proxy.internal'" in text
+
+
+def test_cli_cancel_reads_run_ids_strictly():
+    run = make_run("READY")
+    for raw in ("\u0661", "\u00b2", "0", "9223372036854775808", "1_0"):
+        with pytest.raises(CommandError, match="run id"):
+            call("cancel", "--id", raw)
+    assert TaskRun.objects.get(pk=run.pk).status == "READY"
+    out, _ = call("cancel", "--id", str(run.pk), "--id", str(run.pk))
+    assert "1 of 1 runs were active" in out
+
+
 def test_triage_groups_recent_failures_by_task_and_error():
     def failure(task: str, error: str, message: str, age: timedelta) -> TaskRun:
         return finished("FAILED", age, task=task, errors=[{

@@ -19,6 +19,7 @@ import sys
 import threading
 from typing import Any
 
+from ..access import stamp_peer
 from ..runtime import host
 from ..runtime.gate import REQUESTS
 
@@ -55,8 +56,11 @@ class ReproqLifespan:
         if kind == "lifespan":
             await self._lifespan(receive, send)
             return
-        if kind in {"http", "websocket"} and not self._shutdown and host.current() is None:
-            await self._lazy_start()
+        if kind in {"http", "websocket"}:
+            # The socket peer, before anything believes a rewritten scope["client"].
+            stamp_peer(scope, send)
+            if not self._shutdown and host.current() is None:
+                await self._lazy_start()
         if kind != "http":
             await self.app(scope, receive, send)
             return

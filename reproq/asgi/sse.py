@@ -486,9 +486,9 @@ def _last_event_id(request: HttpRequest) -> int | None:
            or request.GET.get("since") or "").strip()
     if not raw:
         return None
-    if not raw.isdigit():
-        raise ValueError(f"Last-Event-ID must be a number, got {raw[:40]!r}")
-    return int(raw)
+    from ..ids import parse_id
+
+    return parse_id(raw, "Last-Event-ID", minimum=0)  # ASCII digits within bigint, or 400
 
 
 @staff_or_token()

@@ -17,9 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def handle(command: BaseCommand, **options: Any) -> None:
     from ..control import cancel_runs
+    from ..ids import MAX_IDS
     from ..models import TaskRun
 
-    ids = options["ids"]
+    ids = sorted(set(options["ids"]))
+    if len(ids) > MAX_IDS:
+        raise CommandError(f"{len(ids)} run ids given: at most {MAX_IDS} per cancel (run it "
+                           "in several calls)")
     known = set(TaskRun.objects.filter(pk__in=ids).values_list("pk", flat=True))
     missing = [i for i in ids if i not in known]
     changed = cancel_runs(ids)

@@ -1,4 +1,5 @@
-"""``manage.py reproq config --explain``: effective runtime settings and their sources."""
+"""``manage.py reproq config --explain``: effective runtime and access settings and their
+sources."""
 
 from __future__ import annotations
 
@@ -13,11 +14,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def handle(command: BaseCommand, **options: Any) -> None:
+    from ..access import explain, settings_problems
     from ..conf import explain_runtime, load_runtime_settings
 
     rs, problems = load_runtime_settings()
+    problems += settings_problems()
     for name, value, source in explain_runtime(rs):
         line = f"{name:<28} {value!r}"
+        if options.get("explain"):
+            line = f"{line:<60} ({source})"
+        command.stdout.write(line)
+    for name, value, source in explain():  # HTTP access (the token only as "set, N chars")
+        line = f"{name:<36} {value if name == 'REPROQ_API_TOKEN' else repr(value)}"
         if options.get("explain"):
             line = f"{line:<60} ({source})"
         command.stdout.write(line)

@@ -153,12 +153,17 @@ class LeaseFilter(admin.SimpleListFilter):
 def search_runs(queryset: QuerySet[Any], term: str) -> QuerySet[Any]:
     """Index-friendly search: '#123' or '123' -> that id; otherwise task paths containing the
     term (case-insensitive), resolved against the distinct task paths first."""
+    from ..ids import parse_id
+
     term = term.strip()
     if not term:
         return queryset
-    digits = term.lstrip("#")
-    if digits.isdigit():
-        return queryset.filter(pk=int(digits))
+    digits = term.removeprefix("#")
+    if digits.isascii() and digits.isdigit():  # an id, or a number no run can have
+        try:
+            return queryset.filter(pk=parse_id(digits))
+        except ValueError:
+            return queryset.none()
     needle = term.lower()
     paths = [p for p in distinct_task_paths(queryset.db) if needle in p.lower()]
     return queryset.filter(task_path__in=paths) if paths else queryset.none()

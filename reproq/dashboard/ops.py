@@ -18,9 +18,11 @@ from django.db import connections
 
 from .. import sql
 from ..conf import aging_factor_us, current_runtime_settings
+from ..ids import MAX_IDS, parse_ids
+
+__all__ = ["MAX_IDS", "RETRYABLE", "discard_runs", "replay_runs", "retry_runs"]
 
 RETRYABLE = ("FAILED", "CANCELLED", "EXPIRED")
-MAX_IDS = 10_000
 
 REPLAY = f"""
 WITH src AS (
@@ -89,10 +91,7 @@ class ReplayOutcome:
 
 
 def _clean(ids: Iterable[int | str]) -> list[int]:
-    clean = sorted({int(i) for i in ids})
-    if len(clean) > MAX_IDS:
-        raise ValueError(f"at most {MAX_IDS} runs per action, got {len(clean)}")
-    return clean
+    return parse_ids(ids)
 
 
 def replay_runs(ids: Iterable[int | str], *, only_failed: bool = False,

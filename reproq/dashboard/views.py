@@ -104,8 +104,9 @@ async def asset(request: HttpRequest, name: str) -> HttpResponse:
 
 
 def _ids(request: HttpRequest) -> list[int]:
-    raw = [part for value in request.POST.getlist("id") for part in value.split(",")]
-    ids = [int(part) for part in (p.strip().lstrip("#") for p in raw) if part]
+    from ..ids import parse_ids, split_ids
+
+    ids = parse_ids(split_ids(request.POST.getlist("id")))
     if not ids:
         raise ValueError("no run id given")
     return ids
