@@ -482,10 +482,15 @@ class ReproqBackend(BaseTaskBackend):
     # ------------------------------------------------------------------ results
     @staticmethod
     def _parse_id(result_id: Any) -> int:
+        from .ids import parse_id
+
         text = str(result_id)
-        if not text.isascii() or not text.isdigit() or len(text) > 18:
-            raise TaskResultDoesNotExist(result_id)
-        return int(text)
+        try:
+            if text.startswith("#"):
+                raise ValueError(text)
+            return parse_id(text)
+        except ValueError:
+            raise TaskResultDoesNotExist(result_id) from None
 
     def get_result(self, result_id: str) -> ReproqTaskResult:
         pk = self._parse_id(result_id)

@@ -886,7 +886,8 @@ def test_aenqueue_validates_before_touching_the_database():
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("bad_id", ["999999999", "abc", "", "-1", "1.0", " 1", "1" * 30, "٣"])
+@pytest.mark.parametrize("bad_id", ["999999999", "abc", "", "-1", "1.0", " 1", "1" * 30, "٣", "#1",
+                                    "0", str(2**63), "9223372036854775807"])
 def test_get_result_of_unknown_id_raises(bad_id):
     with pytest.raises(TaskResultDoesNotExist):
         backend().get_result(bad_id)
