@@ -19,12 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import chaos
 from tests.outage import OwnPostgres, TcpProxy, overlaps, probe_attempts
 from tests.servers import COMMANDS, Child, Servers, free_port, run_command, wait_until
 
 pytestmark = [pytest.mark.servers]
 
-DB = "reproq_outage"
+DB = chaos.DB
 FINAL = ("SUCCESSFUL", "FAILED", "CANCELLED", "EXPIRED")
 # Short leases so that leases expire during the outages below; a fallback poll far beyond every
 # wait (a run that starts promptly after an outage was woken by the runtime's own recovery).
@@ -42,10 +43,8 @@ def pg() -> Iterator[OwnPostgres]:
     server = OwnPostgres()
     try:
         server.start()
-        server.create_database(DB)
-        done = run_command(["django", "migrate", "--noinput"], timeout=180,
-                           env={"DATABASE_URL": server.url(), "REPROQ_TEST_DB_NAME": DB})
-        assert done.returncode == 0, done.stdout + done.stderr
+        chaos.prepare(server, lambda env: run_command(["django", "migrate", "--noinput"],
+                                                      env=env, timeout=180))
         yield server
     finally:
         server.close()
@@ -332,3 +331,18 @@ def test_probe_log_finds_attempts_of_one_run_that_overlap(tmp_path):
         (1, 1)]
     assert [(x.run_id, x.attempt) for x, _ in overlaps(runs, died={}, now=200.0)] == [
         (1, 1), (3, 1)]
+
+
+# --------------------------------------------------------------------------- chaos (small)
+
+
+def test_chaos_small_sigkills_and_a_database_stop_lose_nothing_and_run_nothing_twice_at_once(
+        db, servers, tmp_path):
+    """issue 16 item 7 at a size for CI: 500 runs across 3 servers, 3 SIGKILLs 2 s apart and
+    PostgreSQL stopped once for 3 s (as a crash). `./dev bench chaos` is the full size."""
+    figures = chaos.run(db, servers, tmp_path / "probe.log", tasks=500, task_ms=300,
+                        concurrency=10, kills=3, pg_stops=(3.0,), pg_down=3.0,
+                        finish_timeout=120)
+    assert figures.kills == 3 and len(figures.pg_stops) == 1
+    assert figures.statuses == {"SUCCESSFUL": 500}
+    assert figures.pg_stops[0]["recovery"] < RECOVERY_BOUND, figures.pg_stops
