@@ -41,9 +41,24 @@ CONNECT_TIMEOUT = 5  # seconds: libpq connect_timeout of reproq's connections, u
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
               "keepalives_count": 3, "tcp_user_timeout": 30_000}
 RECONNECT_MAX_DELAY = 1.0  # seconds between a pool's attempts to replace a lost connection
-# What a database that is down, restarting or unreachable raises at reproq's connections.
+# What a database that is down, restarting or unreachable raises at reproq's connections (to
+# catch; `is_unavailable` then tells a lost database from, say, a deadlock, also an
+# OperationalError).
 UNAVAILABLE: tuple[type[BaseException], ...] = (psycopg.OperationalError, psycopg.InterfaceError,
                                                 PoolTimeout, TimeoutError, OSError)
+# SQLSTATE classes that mean the server is not there for us: connection exceptions, operator
+# intervention (shutdown, crash, starting up), insufficient resources (too many connections).
+_UNAVAILABLE_STATES = ("08", "57P", "53")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when `exc` says the database cannot be reached now (not an error of a statement)."""
+    if isinstance(exc, PoolTimeout | TimeoutError | OSError | psycopg.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        state = getattr(exc, "sqlstate", None)
+        return state is None or state.startswith(_UNAVAILABLE_STATES)
+    return False
 
 
 class CountingConnection(psycopg.AsyncConnection):
@@ -222,6 +237,10 @@ class Outage:
         return self.since is not None
 
     async def failed(self, exc: BaseException, wake: anyio.Event | None = None) -> None:
+        """Back off after `exc`; an error that is not about reaching the database (a deadlock,
+        a bug) is raised again, for the service's supervisor."""
+        if not is_unavailable(exc):
+            raise exc
         self.failures += 1
         self.last_error = describe(exc)
         if self.since is None:

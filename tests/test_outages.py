@@ -346,3 +346,18 @@ def test_chaos_small_sigkills_and_a_database_stop_lose_nothing_and_run_nothing_t
     assert figures.kills == 3 and len(figures.pg_stops) == 1
     assert figures.statuses == {"SUCCESSFUL": 500}
     assert figures.pg_stops[0]["recovery"] < RECOVERY_BOUND, figures.pg_stops
+
+
+def test_a_lost_database_is_told_from_a_statement_error():
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    from reproq import db as dbmod
+
+    assert dbmod.is_unavailable(psycopg.OperationalError("consuming input failed"))
+    assert dbmod.is_unavailable(psycopg.errors.AdminShutdown("terminating connection"))
+    assert dbmod.is_unavailable(psycopg.errors.TooManyConnections("too many"))
+    assert dbmod.is_unavailable(PoolTimeout("couldn't get a connection"))
+    assert dbmod.is_unavailable(TimeoutError())
+    assert not dbmod.is_unavailable(psycopg.errors.DeadlockDetected("deadlock detected"))
+    assert not dbmod.is_unavailable(ValueError("a bug"))

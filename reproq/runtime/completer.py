@@ -65,10 +65,11 @@ class Completer:
                 await self._write(batch)
                 delay = 0.05
                 self.outage.ok()
-            except db.UNAVAILABLE as exc:
-                self.pending[:0] = batch
-                await self.outage.failed(exc)
             except Exception as exc:
+                if db.is_unavailable(exc):
+                    self.pending[:0] = batch
+                    await self.outage.failed(exc)
+                    continue
                 self.pending[:0] = batch
                 logger.warning("reproq: recording %d results failed (%s); retrying in %.1fs",
                                len(batch), type(exc).__name__, delay)
