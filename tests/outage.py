@@ -10,8 +10,8 @@ server of the test suite or of the machine.
 ``partition()`` stops relaying bytes in both directions (existing connections are kept open:
 the peers see silence, as in a real network partition; new connections are accepted by the
 kernel but never reach the server); ``heal()`` resumes relaying on the connections that are
-still open, ``heal(drop=True)`` leaves them dead for ever (half-open: a firewall or NAT that
-forgot them) so that only new connections work; ``refuse()`` resets every connection and
+still open, ``heal(drop=True)`` leaves the established ones dead for ever (half-open: a firewall or
+NAT that forgot them) so that only new connections work; ``refuse()`` resets every connection and
 refuses new ones (a proxy or load balancer that is down).
 
 `probe_intervals` reads what ``tests.testapp.tasks.chaos_probe`` appended to its log (one line
@@ -220,9 +220,9 @@ class TcpProxy:
         """Relay again; with `drop`, connections of before stay silent for ever (half-open)."""
         def go() -> None:
             assert self._open is not None
-            if drop:
+            if drop:  # established ones; a connect still pending goes through (a SYN resent)
                 for pair in self._pairs:
-                    pair.dead = True
+                    pair.dead = pair.upstream is not None
             self.state = "open"
             self._open.set()
         self._call(go)

@@ -302,7 +302,7 @@ def test_partitioned_server_loses_its_leases_to_another_and_writes_nothing_for_t
         time.sleep(max(0.0, 8.0 - (time.time() - cut_at)))
         proxy.heal(drop=drop)
         healed_at = time.time()
-        more = enqueue(b, log, ms=500, count=150)  # 7.5 s of work for B alone
+        more = enqueue(b, log, ms=500, count=600)  # 7.5 s of work for B alone
         started = wait_until(lambda: first_start_after(log, healed_at, {a_pid}), timeout=30,
                              interval=0.05, what="A to claim again", describe=servers.logs)
         recovery = started - healed_at
