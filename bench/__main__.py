@@ -1,9 +1,10 @@
-"""``./dev bench [runtime|enqueue|all|w1|w2|w3|w4|w5|pgbench|peers] [args]``: run benchmarks
+"""``./dev bench [runtime|enqueue|all|w1|w2|w3|w4|w5|pgbench|peers|chaos] [args]``: run benchmarks
 and print markdown tables (see bench/README.md)."""
 
 import sys
 
-NAMES = ("runtime", "enqueue", "all", "w1", "w2", "w3", "w4", "w5", "pgbench", "peers")
+NAMES = ("runtime", "enqueue", "all", "w1", "w2", "w3", "w4", "w5", "pgbench", "peers",
+         "chaos")
 
 
 def main() -> None:
@@ -25,6 +26,10 @@ def main() -> None:
         from bench import suite
 
         suite.main(args, only=name)
+    elif name == "chaos":
+        from bench import chaos
+
+        chaos.main(args)
     elif name == "peers":
         from bench import suite
 

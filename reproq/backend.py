@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 from django.core import checks
 from django.db import connections
 from django.tasks import Task
@@ -349,14 +350,27 @@ class ReproqBackend(BaseTaskBackend):
         `_bulk_enqueue_pipelined`) in one transaction; without prepared statements they are
         sent as one statement per MAX_BATCH.
         """
+        from django.db import InterfaceError, OperationalError
+
+        from .db import client_timeout, unavailable
+        from .exceptions import DatabaseUnavailable
+
         calls = calls if isinstance(calls, list) else list(calls)
-        if len(calls) > PIPELINE_CHUNK and self.reproq_options.prepared_statements:
-            return self._bulk_enqueue_pipelined(calls)
-        specs = self.prepare_all(calls)
-        out: list[ReproqTaskResult] = []
-        for start in range(0, len(specs), MAX_BATCH):
-            out.extend(self._enqueue_batch_sync(specs[start:start + MAX_BATCH]))
-        return out
+        try:
+            if len(calls) > PIPELINE_CHUNK and self.reproq_options.prepared_statements:
+                return self._bulk_enqueue_pipelined(calls)
+            specs = self.prepare_all(calls)
+            out: list[ReproqTaskResult] = []
+            for start in range(0, len(specs), MAX_BATCH):
+                out.extend(self._enqueue_batch_sync(specs[start:start + MAX_BATCH]))
+            return out
+        except (OperationalError, InterfaceError) as exc:
+            if isinstance(exc, DatabaseUnavailable):
+                raise
+            # Django's connection (its own connect_timeout: set it in DATABASES OPTIONS).
+            connected = connections[self.database].connection is not None
+            raise unavailable(self.database, client_timeout(self.database), exc,
+                              sent=connected) from exc
 
     def _bulk_enqueue_pipelined(
         self, calls: list[tuple[Task, Sequence[Any], dict[str, Any]]]
@@ -427,42 +441,63 @@ class ReproqBackend(BaseTaskBackend):
     async def abulk_enqueue(
         self, calls: Iterable[tuple[Task, Sequence[Any], dict[str, Any]]]
     ) -> list[ReproqTaskResult]:
-        """Async enqueue on reproq's psycopg pool: its own transaction, committed at once."""
-        from psycopg.rows import tuple_row
+        """Async enqueue on reproq's psycopg pool: its own transaction, committed at once.
 
-        from .db import get_pool
+        Bounded (docs/operations.md, "Database outages"): it waits `db.client_timeout` seconds
+        (the alias's connect_timeout, 5 by default) for a connection, and as long again plus
+        5 ms per run for the statements of each batch; then it raises
+        `reproq.exceptions.DatabaseUnavailable`, which says whether the batch may have been
+        written."""
+        from .db import UNAVAILABLE, client_timeout, get_pool, unavailable
 
         specs = self.prepare_all(calls)
-        pool = await get_pool(self.database)
         out: list[ReproqTaskResult] = []
+        timeout = client_timeout(self.database)
+        pool = await get_pool(self.database)
         for start in range(0, len(specs), MAX_BATCH):
             part = specs[start:start + MAX_BATCH]
-            results: list[ReproqTaskResult | None] = [None] * len(part)
-            pending = list(range(len(part)))
-            async with pool.connection() as conn:
-                for _ in range(5):
-                    chunk = [part[i] for i in pending]
-                    async with conn.cursor(row_factory=tuple_row) as cur:
-                        await cur.execute(*self._statement(chunk), binary=True)
-                        rows = await cur.fetchall()
-                    existing: dict[str, dict[str, Any]] = {}
-                    missing = _dedup_hits(chunk, rows)
-                    if missing:
-                        dcur = await conn.execute(sql.ACTIVE_BY_SPEC, {"hashes": sorted(missing)})
-                        existing = {r["spec_hash"]: r for r in await dcur.fetchall()}
-                    got, fresh = self._assemble(chunk, rows, existing)
-                    if fresh and batch.enqueued_signal_needed(type(self)):
-                        for result in fresh:
-                            await task_enqueued.asend(sender=type(self), task_result=result)
-                    for i, result in zip(pending, got, strict=True):
-                        results[i] = result
-                    pending = [i for i in pending if results[i] is None]
-                    if not pending:
-                        break
-            if pending:
-                raise RuntimeError("reproq could not enqueue after repeated dedup races")
-            out.extend(results)  # type: ignore[arg-type]
+            bound, sent = timeout, bool(out)
+            try:
+                async with pool.connection(timeout=timeout) as conn:
+                    bound, sent = timeout + 0.005 * len(part), True
+                    with anyio.fail_after(bound):
+                        results, fresh = await self._aenqueue_part(conn, part)
+            except UNAVAILABLE as exc:
+                raise unavailable(self.database, bound, exc, sent=sent) from exc
+            if fresh and batch.enqueued_signal_needed(type(self)):
+                for result in fresh:
+                    await task_enqueued.asend(sender=type(self), task_result=result)
+            out.extend(results)
         return out
+
+    async def _aenqueue_part(self, conn: Any, part: list[EnqueueSpec]
+                             ) -> tuple[list[ReproqTaskResult], list[ReproqTaskResult]]:
+        """Insert `part` on `conn` and resolve dedup skips: (results in order, new ones)."""
+        from psycopg.rows import tuple_row
+
+        results: list[ReproqTaskResult | None] = [None] * len(part)
+        fresh_all: list[ReproqTaskResult] = []
+        pending = list(range(len(part)))
+        for _ in range(5):
+            chunk = [part[i] for i in pending]
+            async with conn.cursor(row_factory=tuple_row) as cur:
+                await cur.execute(*self._statement(chunk), binary=True)
+                rows = await cur.fetchall()
+            existing: dict[str, dict[str, Any]] = {}
+            missing = _dedup_hits(chunk, rows)
+            if missing:
+                dcur = await conn.execute(sql.ACTIVE_BY_SPEC, {"hashes": sorted(missing)})
+                existing = {r["spec_hash"]: r for r in await dcur.fetchall()}
+            got, fresh = self._assemble(chunk, rows, existing)
+            fresh_all.extend(fresh)
+            for i, result in zip(pending, got, strict=True):
+                results[i] = result
+            pending = [i for i in pending if results[i] is None]
+            if not pending:
+                break
+        if pending:
+            raise RuntimeError("reproq could not enqueue after repeated dedup races")
+        return results, fresh_all  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ cancellation
     def cancel(self, result_id: str) -> ReproqTaskResult:

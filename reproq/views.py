@@ -8,18 +8,28 @@ from django.http import HttpRequest, JsonResponse
 from .access import staff_or_token
 from .runtime import host
 
+HEALTHZ_DATABASE_SECONDS = 3.0  # the database check of /healthz gives up after this
+
 
 async def _database_ok(alias: str) -> tuple[bool, str]:
-    from .db import get_pool
+    """Whether `alias` answers a SELECT 1 within HEALTHZ_DATABASE_SECONDS, and if not why (the
+    error's first line: no parameters, no password)."""
+    from .db import describe, drain, get_pool
 
+    pool = None
     try:
-        with anyio.fail_after(3):
+        with anyio.fail_after(HEALTHZ_DATABASE_SECONDS):
             pool = await get_pool(alias)
-            async with pool.connection() as conn:
+            async with pool.connection(timeout=HEALTHZ_DATABASE_SECONDS) as conn:
                 await conn.execute("SELECT 1")
         return True, ""
+    except TimeoutError:
+        if pool is not None:
+            await drain(pool)  # its connections may be half-open (a network partition)
+        return False, (f"database: no answer within {HEALTHZ_DATABASE_SECONDS:g}s "
+                       "(down or unreachable)")
     except Exception as exc:
-        return False, f"database: {type(exc).__name__}"
+        return False, f"database: unreachable ({describe(exc)})"
 
 
 @staff_or_token(public_setting="REPROQ_HEALTHZ_PUBLIC")

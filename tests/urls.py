@@ -4,6 +4,8 @@ from django.tasks import Task
 from django.urls import include, path
 from django.views.decorators.csrf import csrf_exempt
 
+from reproq.exceptions import DatabaseUnavailable
+
 
 @csrf_exempt
 async def enqueue_view(request: HttpRequest, name: str) -> JsonResponse:
@@ -16,12 +18,28 @@ async def enqueue_view(request: HttpRequest, name: str) -> JsonResponse:
     if not isinstance(task, Task):
         return JsonResponse({"error": f"no task {name!r}"}, status=404)
     body = json.loads(request.body or b"{}")
-    result = await task.aenqueue(*body.get("args", []), **body.get("kwargs", {}))
+    if body.get("using"):
+        task = task.using(**body["using"])
+    args, kwargs = body.get("args", []), body.get("kwargs", {})
+    try:
+        if "count" in body:  # {"count": n}: n runs in one statement (outage and chaos tests)
+            results = await task.get_backend().abulk_enqueue(
+                [(task, args, kwargs)] * int(body["count"]))
+            return JsonResponse({"id": results[0].id, "ids": [r.id for r in results]})
+        result = await task.aenqueue(*args, **kwargs)
+    except DatabaseUnavailable as exc:  # what an application shows while PostgreSQL is away
+        return JsonResponse({"error": str(exc)}, status=503)
     return JsonResponse({"id": result.id})
+
+
+async def ping_view(request: HttpRequest) -> JsonResponse:
+    """A page that needs no database (outage tests: it keeps answering while PostgreSQL is down)."""
+    return JsonResponse({"pong": True})
 
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("reproq/", include("reproq.urls")),
     path("enqueue/<str:name>/", enqueue_view),
+    path("ping/", ping_view),
 ]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .. import sql
+from .. import db, sql
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -81,6 +81,7 @@ class Claimer:
         self.full_until = 0.0  # monotonic time until which only CLAIM is used
         self.fallbacks = 0  # fast claims that passed over flow-controlled rows
         self.coalesced = 0  # claims held back for more slots to free (`_gather_slots`)
+        self.outage = db.Outage("claimer")
 
     def wake(self) -> None:
         self._wake.set()
@@ -170,7 +171,13 @@ class Claimer:
                     await rt.gate.wait()  # requests first (reproq.runtime.gate)
                     want = rt.gate.claim_limit(free)  # smaller bites while requests arrive
                     capped = want < free
-                    rows = await self.claim_once(want)
+                    try:  # bounded: a claim sent on a half-open connection is given up
+                        with anyio.fail_after(db.round_trip_bound(rt.settings.lease_seconds)):
+                            rows = await self.claim_once(want)
+                    except db.UNAVAILABLE as exc:  # database away: retry soon, no crash loop
+                        await self.outage.failed(exc, self._wake)
+                        continue
+                    self.outage.ok()
                     runnable = [r for r in rows if r["status"] == "RUNNING"]
                     ran = len(runnable)
                     if await self._hand_on(runnable):

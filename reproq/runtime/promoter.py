@@ -2,7 +2,8 @@
 
 Each process sleeps exactly until the earliest due time it knows of (from the last promotion and
 from ``w:`` notifications of new deferred rows), or the fallback timer. Promotion is one
-statement with SKIP LOCKED, so every process may run it at once.
+statement with SKIP LOCKED, so every process may run it at once. While the database is
+unreachable it retries at most `db.RECONNECT_MAX_DELAY` apart.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .. import sql
+from .. import db, sql
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -27,6 +28,7 @@ class Promoter:
         self._noted: float | None = None  # earliest 'w:' due time heard during a promotion
         self._wake = anyio.Event()
         self.promoted = 0
+        self.outage = db.Outage("promoter")
 
     def note_due(self, epoch: float) -> None:
         self._noted = epoch if self._noted is None else min(self._noted, epoch)
@@ -42,7 +44,8 @@ class Promoter:
     async def promote_once(self) -> int:
         rt = self.runtime
         self._noted = None
-        async with rt.pool.connection() as conn:
+        bound = db.round_trip_bound(rt.settings.lease_seconds)
+        async with db.round_trip(rt.pool, bound) as conn:
             cur = await conn.execute(sql.PROMOTE, {"limit": BATCH})
             row = await cur.fetchone()
         promoted = int(row["promoted"] or 0)
@@ -60,8 +63,13 @@ class Promoter:
         rt = self.runtime
         while True:
             self._wake = anyio.Event()
-            if await self.promote_once() >= BATCH:
+            try:
+                if await self.promote_once() >= BATCH:
+                    continue
+            except db.UNAVAILABLE as exc:
+                await self.outage.failed(exc)
                 continue
+            self.outage.ok()
             wait = rt.settings.poll_fallback_seconds
             if self.next_due is not None:
                 wait = min(wait, max(self.next_due - time.time(), 0.0))

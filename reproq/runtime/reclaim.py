@@ -2,7 +2,8 @@
 rows that stopped renewing, wakes parked runs whose concurrency key has room again (a safety
 net behind the release trigger), and deletes old events and finished runs past
 FINISHED_RETENTION_SECONDS (`reproq.retention`). Every process runs it; SKIP LOCKED keeps them
-apart."""
+apart. While the database is unreachable it retries at most `db.RECONNECT_MAX_DELAY` apart, so
+that leases that ran out during an outage are reclaimed as soon as it is back."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .. import retention, sql
+from .. import db, retention, sql
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -28,10 +29,12 @@ class Reclaimer:
         self.pruned = 0
         self.pruned_ticks = 0
         self.prune_backlog = False  # the last pass deleted all it may: more are due
+        self.outage = db.Outage("reclaim")
 
     async def reclaim_once(self) -> int:
         rt = self.runtime
-        async with rt.pool.connection() as conn:
+        bound = db.round_trip_bound(rt.settings.lease_seconds)
+        async with db.round_trip(rt.pool, bound) as conn:
             cur = await conn.execute(sql.RECLAIM, {
                 "limit": BATCH, "worker_ttl": rt.settings.lease_seconds * 3,
             })
@@ -43,7 +46,7 @@ class Reclaimer:
             rt.claimer.wake()
         self.requeued += requeued
         self.failed += failed
-        async with rt.pool.connection() as conn:
+        async with db.round_trip(rt.pool, bound) as conn:
             cur = await conn.execute(sql.UNBLOCK, {"limit": BATCH})
             woke = await cur.fetchone()
             await conn.execute(sql.PRUNE_EVENTS, {"keep": rt.settings.events_retention_seconds})
@@ -62,8 +65,13 @@ class Reclaimer:
 
     async def run(self) -> None:
         while True:
-            while await self.reclaim_once() >= BATCH:
-                pass
+            try:
+                while await self.reclaim_once() >= BATCH:
+                    pass
+            except db.UNAVAILABLE as exc:
+                await self.outage.failed(exc)
+                continue
+            self.outage.ok()
             pause = self.runtime.settings.reclaim_seconds
             if self.prune_backlog:  # old finished runs left: the next pass comes sooner
                 pause = min(pause, retention.CATCH_UP_SECONDS)

@@ -236,16 +236,24 @@ class Runtime:
 
     async def _finish(self, leftover: tuple[list[int], list[int]]) -> None:
         stoppable, busy_threads = leftover
-        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-            await self.beat.shutdown()  # release the leader lock before the worker row goes
-            await self.completer.flush()
-            await self.release(stoppable)
-            await self.release(busy_threads, delay=THREAD_EXIT_MARGIN_SECONDS)
-            async with self.pool.connection() as conn:
-                await conn.execute(sql.DELETE_WORKER, {"worker": self.worker_id})
-            self.events.single("worker_left", None,
-                               data={"released": len(stoppable) + len(busy_threads)})
-            await self.events.flush()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10) as bounded:
+            try:
+                await self.beat.shutdown()  # release the leader lock before the worker row goes
+                await self.completer.flush()
+                await self.release(stoppable)
+                await self.release(busy_threads, delay=THREAD_EXIT_MARGIN_SECONDS)
+                async with self.pool.connection() as conn:
+                    await conn.execute(sql.DELETE_WORKER, {"worker": self.worker_id})
+                self.events.single("worker_left", None,
+                                   data={"released": len(stoppable) + len(busy_threads)})
+                await self.events.flush()
+            except db.UNAVAILABLE as exc:  # the database is away: leases cover what is left
+                logger.warning("reproq: database unreachable at shutdown (%s); %d results not "
+                               "written, runs still held here come back when their lease ends",
+                               db.describe(exc), len(self.completer.unwritten()))
+        if bounded.cancelled_caught:
+            logger.warning("reproq: shutdown writes gave up after 10s (database unreachable?); "
+                           "runs still held here come back when their lease ends")
 
     async def release(self, ids: list[int], delay: float = 0.0) -> None:
         """Put runs this process holds back to READY without burning their attempt (after

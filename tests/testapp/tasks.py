@@ -172,3 +172,33 @@ def unstorable_output(context, kind):
     if kind == "raise":
         raise ValueError("bad \x00 byte and \ud800 half a pair")
     return {"nul": "a\x00b", "surrogate": "x\ud800y"}[kind]
+# ----------------------------------------------------------------- outages (test_outages.py)
+
+
+@task(takes_context=True)
+async def chaos_probe(context, path, ms):
+    """Sleeps `ms` milliseconds; appends 'S <run> <attempt> <worker> <pid> <time>' to `path` when
+    the attempt starts and 'E ... <ok|cancelled>' when it returns or is cancelled (a SIGKILLed
+    attempt leaves no E line), so that tests.outage.overlaps can prove no run ran twice at once.
+    Returns the attempt, worker and pid that ran it to the end."""
+    import os
+
+    r = context.task_result
+    head = f"{r.id} {context.attempt} {r.worker_ids[-1]} {os.getpid()}"
+
+    def note(line):
+        # One write() of one short line with O_APPEND: lines of processes never interleave.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    note(f"S {head} {time.time():.6f}")
+    try:
+        await asyncio.sleep(ms / 1000)
+    except BaseException:
+        note(f"E {head} {time.time():.6f} cancelled")
+        raise
+    note(f"E {head} {time.time():.6f} ok")
+    return {"attempt": context.attempt, "worker": r.worker_ids[-1], "pid": os.getpid()}
