@@ -375,20 +375,24 @@ def _event_row(eid: int, kind: str = "succeeded", queue: str = "default") -> dic
             "data": {"count": 1}}
 
 
-def test_hub_bounds_each_client_filters_and_delivers_late_rows_without_an_id():
-    from reproq.asgi.sse import EventFilter, EventHub
+def test_hub_bounds_each_client_in_bytes_filters_and_delivers_late_rows_without_an_id():
+    from reproq.asgi.sse import Event, EventFilter, EventHub
 
     hub = EventHub("default")
-    slow = hub.subscribe(EventFilter(), maxlen=3)
+    size = len(Event.from_row(_event_row(5)).chunk())  # the largest of the events below
+    slow = hub.subscribe(EventFilter(), max_bytes=3 * size + size // 2)
     failures = hub.subscribe(EventFilter(kinds=frozenset({"failed"}),
-                                         queues=frozenset({"default"})), maxlen=10)
+                                         queues=frozenset({"default"})), max_bytes=10 * size)
     hub.dispatch([_event_row(i) for i in range(1, 6)]
                  + [_event_row(6, "failed"), _event_row(7, "failed", "emails")])
-    # The slow client kept the newest 3 and is told about the 4 it lost.
+    # The slow client kept the newest 3 (what fits its bytes) and is told about the 4 it lost.
+    assert len(slow.queue) == 3 and slow.buffered == sum(len(c) for _, c in slow.queue)
+    assert slow.buffered <= slow.max_bytes
     chunk = slow.drain().decode()
     assert chunk.startswith("event: gap\n") and '"dropped": 4' in chunk
+    assert f'"bytes": {4 * size}' in chunk  # the 4 lost were "succeeded" events of `size`
     assert [int(i) for i in re.findall(r"^id: (\d+)$", chunk, re.M)] == [5, 6, 7]
-    assert not slow.queue and slow.dropped == 0
+    assert not slow.queue and slow.dropped == 0 and slow.buffered == 0
     assert re.findall(r"^id: (\d+)$", failures.drain().decode(), re.M) == ["6"]
 
     # Ids 8 and 9 are skipped (not committed yet): 10 is delivered, then 9 arrives late,

@@ -299,6 +299,12 @@ class ProcessCollector:
         hubs = sse.hubs()
         yield GaugeMetricFamily("reproq_sse_clients", "Open event streams in the process that "
                                 "answered", value=sum(len(h.subscribers) for h in hubs))
+        buffered = [n for h in hubs for n in h.buffered()]
+        yield GaugeMetricFamily("reproq_sse_buffered_bytes", "Bytes queued for event stream "
+                                "clients in the process that answered", value=sum(buffered))
+        yield GaugeMetricFamily("reproq_sse_buffered_bytes_max", "Bytes queued for the "
+                                "slowest event stream client in the process that answered",
+                                value=max(buffered, default=0))
         dropped = CounterMetricFamily("reproq_sse_dropped_events", "Events dropped for slow "
                                       "clients (closed streams) in the process that answered",
                                       labels=["worker"])
