@@ -166,12 +166,18 @@ def rss_bytes(pid: int) -> int:
 # --------------------------------------------------------------------------- shutdown
 
 
-@pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "gunicorn", "granian", "daphne"])
-def test_every_stream_ends_at_shutdown_whether_or_not_its_client_reads(servers, server):
+@pytest.mark.parametrize("server, hook", [
+    ("uvicorn", True), ("hypercorn", True), ("gunicorn", True), ("granian", True),
+    ("daphne", True),
+    # Without reproq's signal hook: noticed when the server stops listening.
+    ("uvicorn", False),
+])
+def test_every_stream_ends_at_shutdown_whether_or_not_its_client_reads(servers, server, hook):
     # uvicorn runs without --timeout-graceful-shutdown: it would wait for ever for the stream.
     srv = servers.start(server, workers=PROCESSES.get(server, 1),
                         env={"REPROQ_SSE_MAX_SECONDS": "300",
-                             "REPROQ_SSE_WRITE_TIMEOUT_SECONDS": "300"})
+                             "REPROQ_SSE_WRITE_TIMEOUT_SECONDS": "300",
+                             "REPROQ_SSE_SIGNAL_HOOK": "1" if hook else "0"})
     stalled = RawStream(srv.port, token=srv.token)
     reading = RawStream(srv.port, token=srv.token, rcvbuf=0)
     reader = Reader(reading, timeout=60)
@@ -192,8 +198,11 @@ def test_every_stream_ends_at_shutdown_whether_or_not_its_client_reads(servers, 
     assert reading.eof
     assert reading.byes() == [{"reason": "shutdown", "retry_ms": 2000}], reading.received[-300:]
     assert stalled.read_to_end(5)  # closed (a reset: its unread bytes were dropped)
+    log = srv.log_tail(200)
     if server != "daphne":  # daphne's reactor drops every connection at exit by itself
-        assert "aborted 1 SSE connection(s) (shutdown" in srv.log_tail(200), srv.log_tail()
+        assert "aborted 1 SSE connection(s) (shutdown" in log, log
+    if server == "hypercorn" or not hook:
+        assert "the server stopped listening; ending the event streams" in log, log
     stalled.close()
     reading.close()
 

@@ -308,12 +308,15 @@ class Subscriber:
             parts.append(chunk)
         return b"".join(parts)
 
-    def forget_seen(self) -> None:
-        """After a replay: drop queued live events it already sent, and its ids."""
+    def drop_replayed(self) -> None:
+        """After a replay: drop the live events queued meanwhile that it already sent."""
         if self.seen:
             self.queue = deque(item for item in self.queue if item[0] not in self.seen)
             self.buffered = sum(len(chunk) for _, chunk in self.queue)
-            self.seen = set()
+
+    def prune_seen(self, cursor: int, gaps: dict[int, float]) -> None:
+        """Forget replayed ids the hub will never deliver (behind its cursor, not awaited)."""
+        self.seen = {i for i in self.seen if i > cursor or i in gaps}
 
     def stop(self, reason: str, now: float) -> None:
         """End this stream (with a bye naming `reason`) as soon as its generator runs."""
@@ -718,10 +721,11 @@ def hubs() -> list[EventHub]:
 async def close_hub() -> None:
     """Stop this loop's hub (tests, shutdown)."""
     hub = _hubs.pop(asyncio.get_running_loop(), None)
-    if hub is not None and hub.task is not None:
-        hub.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await hub.task
+    for task in (hub.task, hub.watchdog) if hub is not None else ():
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 # --------------------------------------------------------------------------- the stream
@@ -794,7 +798,7 @@ async def stream(hub: EventHub, sub: Subscriber, last_id: int | None) -> AsyncIt
             yield chunk
             if sub.stop_reason or shutting_down():
                 break
-        sub.forget_seen()
+        sub.drop_replayed()
     deadline = loop.time() + max_seconds
     next_beat = loop.time() + heartbeat
     while True:
@@ -809,6 +813,8 @@ async def stream(hub: EventHub, sub: Subscriber, last_id: int | None) -> AsyncIt
             reason = "max-age"
             break
         sub.wake.clear()
+        if sub.seen:
+            sub.prune_seen(hub.cursor, hub.gaps)
         if sub.queue or sub.dropped:
             yield sub.drain()
             next_beat = loop.time() + heartbeat
