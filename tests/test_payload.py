@@ -586,7 +586,7 @@ def test_hand_written_row_with_a_non_base64_bytes_marker_fails_at_once_without_r
     assert failed.raw_status == "FAILED"
     assert failed.errors and len(failed.errors) == 1  # not retried: 1 attempt of 3
     assert failed.errors[0].exception_class_path == "reproq.payload.PayloadDecodeError"
-    assert "payload[1]: a 'bytes' marker holds text that is not valid base64" in (
+    assert "args[1]: a 'bytes' marker holds text that is not valid base64" in (
         failed.errors[0].traceback)
     assert "PayloadDecodeError" in failed.status_reason
     assert succeeded.raw_status == "SUCCESSFUL"
