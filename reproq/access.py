@@ -52,6 +52,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PEER_KEY = "reproq.peer"  # scope key: the socket peer's host ("" for a Unix socket)
+PEER_PORT_KEY = "reproq.peer_port"  # ... and its port (None when unknown)
 UNIX = "unix"  # in REPROQ_TRUSTED_PROXIES: a peer on a Unix socket is a trusted proxy
 MAX_HOPS = 32  # X-Forwarded-For entries looked at, right to left
 MIN_TOKEN_LENGTH = 20
@@ -270,19 +271,24 @@ def stamp_peer(scope: dict[str, Any], send: Any) -> None:
     if PEER_KEY in scope:
         return
     peer: Any = None
+    port: Any = None
     owner = getattr(send, "__self__", None)  # uvicorn: the request-response cycle
     transport = getattr(owner, "transport", None)
     if transport is not None and callable(getattr(transport, "get_extra_info", None)):
-        peer = transport.get_extra_info("peername")
-        peer = str(peer[0]) if isinstance(peer, tuple | list) and peer else ""
+        name = transport.get_extra_info("peername")
+        peer = str(name[0]) if isinstance(name, tuple | list) and name else ""
+        port = name[1] if isinstance(name, tuple | list) and len(name) > 1 else None
     elif isinstance(send, partial) and send.args:  # daphne: partial(handle_reply, protocol)
-        host = getattr(getattr(send.args[0], "client", None), "host", None)
+        client = getattr(send.args[0], "client", None)
+        host = getattr(client, "host", None)
         if isinstance(host, str):
-            peer = host
+            peer, port = host, getattr(client, "port", None)
     if peer is None:
         client = scope.get("client")
         peer = str(client[0]) if client else ""
+        port = client[1] if client and len(client) > 1 else None
     scope[PEER_KEY] = peer
+    scope[PEER_PORT_KEY] = port if isinstance(port, int) else None
 
 
 def peer_address(request: HttpRequest) -> str:

@@ -44,7 +44,8 @@ class RawStream:
     when it is not read, its kernel buffer fills, then the server's."""
 
     def __init__(self, port: int, *, token: str = "", cookie: str = "", query: str = "",
-                 last_event_id: int | None = None, rcvbuf: int = 4096) -> None:
+                 last_event_id: int | None = None, rcvbuf: int = 4096,
+                 forwarded_for: str = "") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -57,6 +58,8 @@ class RawStream:
             headers.append(f"Cookie: {cookie}")
         if last_event_id is not None:
             headers.append(f"Last-Event-ID: {last_event_id}")
+        if forwarded_for:
+            headers.append(f"X-Forwarded-For: {forwarded_for}")
         self.sock.sendall((f"GET /reproq/events/{query} HTTP/1.1\r\n" + "\r\n".join(headers)
                            + "\r\n\r\n").encode())
         self.received = b""
@@ -207,10 +210,16 @@ def test_every_stream_ends_at_shutdown_whether_or_not_its_client_reads(servers, 
     reading.close()
 
 
-def test_a_client_that_stops_reading_is_cut_off_after_the_write_timeout(servers):
+@pytest.mark.parametrize("forwarded_for", [
+    "",
+    # uvicorn trusts 127.0.0.1 as a proxy and rewrites the client to 192.0.2.7 (port 0): the
+    # stream is still found by its socket peer, which reproq records before the rewrite.
+    "192.0.2.7",
+])
+def test_a_client_that_stops_reading_is_cut_off_after_the_write_timeout(servers, forwarded_for):
     srv = servers.start("uvicorn", env={"REPROQ_SSE_WRITE_TIMEOUT_SECONDS": "1",
                                         "REPROQ_SSE_MAX_SECONDS": "300"})
-    stalled = RawStream(srv.port, token=srv.token)
+    stalled = RawStream(srv.port, token=srv.token, forwarded_for=forwarded_for)
     # Reads nothing either, but its filter lets nothing through: it is never blocked.
     idle = RawStream(srv.port, token=srv.token, query="?queue=nobody")
     flood()

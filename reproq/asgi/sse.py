@@ -875,8 +875,12 @@ def _last_event_id(request: HttpRequest) -> int | None:
 
 def _peer(request: HttpRequest) -> tuple[str, int, int] | None:
     """(client host, client port, server port) of the request's TCP connection, if known."""
+    from ..access import PEER_KEY, PEER_PORT_KEY
+
     scope = getattr(request, "scope", None) or {}
     client, server = scope.get("client"), scope.get("server")
+    if scope.get(PEER_PORT_KEY):  # the socket peer, before a proxy-header rewrite of "client"
+        client = (scope[PEER_KEY], scope[PEER_PORT_KEY])
     try:
         host, port = str(client[0]), int(client[1])
         server_port = int(server[1]) if server and server[1] is not None else 0
