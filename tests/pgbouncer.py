@@ -202,7 +202,7 @@ class PgBouncer:
         out = open(self.dir / "stdout.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([binary, str(ini)], stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     user=user)
+                                     user=user, preexec_fn=_die_with_parent)
         self._out = out
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -242,6 +242,15 @@ class PgBouncer:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+
+
+def _die_with_parent() -> None:
+    """In the child, after its user change: SIGTERM when the test process dies, even by
+    SIGKILL (Linux PR_SET_PDEATHSIG; elsewhere `stop` and atexit are all there is)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
 def _has_user(name: str) -> bool:
