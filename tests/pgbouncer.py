@@ -34,6 +34,9 @@ SWITCH_ENV = "REPROQ_TEST_VIA_PGBOUNCER"
 URL_ENV = "REPROQ_TEST_PGBOUNCER_URL"
 DIRECT_URL_ENV = "REPROQ_TEST_DIRECT_URL"
 SKIP_ENV = "REPROQ_TEST_PGBOUNCER_SKIP"
+# 1: PgBouncer drops the ``options`` startup parameter instead of refusing the connection
+# (what many deployments configure; the beat then runs without its session timeouts).
+IGNORE_OPTIONS_ENV = "REPROQ_TEST_PGBOUNCER_IGNORE_OPTIONS"
 # Children started by the tests poll for work at least this often (there is no LISTEN).
 POLL_SECONDS = 1.0
 CANDIDATES = ("pgbouncer", "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
@@ -176,6 +179,8 @@ class PgBouncer:
             "log_connections = 0",
             "log_disconnections = 0",
             "log_pooler_errors = 1",
+            *(["ignore_startup_parameters = options"]
+              if os.environ.get(IGNORE_OPTIONS_ENV, "") == "1" else []),
             "",
         ]))
         ini.chmod(0o600)
