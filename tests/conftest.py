@@ -49,3 +49,20 @@ def _through_pgbouncer(request: Any) -> Iterator[None]:
         connections.close_all()
         settings_dict.update(direct)
         bouncer.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_connection_after_a_killed_backend() -> Iterator[None]:
+    """Through PgBouncer a test that kills a backend by pid may kill the one serving this
+    process's own connection: close a broken connection after the test, so that the next
+    test connects anew instead of failing on "the connection is closed"."""
+    yield
+    from tests import pgbouncer
+
+    if pgbouncer.session() is None:
+        return
+    from django.db import connections
+
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is not None and (conn.connection.closed or conn.connection.broken):
+            conn.close()
