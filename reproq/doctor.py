@@ -1,8 +1,8 @@
 """The health diagnosis behind ``manage.py reproq doctor``: one `Finding` per thing that can
 keep tasks from running — settings, PostgreSQL version, migrations, tables, the run id sequence,
-LISTEN/NOTIFY delivery, clock skew against the database, live runtimes, expired leases, the
-backlog's age, READY runs in queues no live runtime serves, paused queues and the beat leader.
-Reads only; it changes nothing.
+LISTEN/NOTIFY delivery, a transaction pooler in the way, clock skew against the database, live
+runtimes, expired leases, the backlog's age, READY runs in queues no live runtime serves, paused
+queues and the beat leader. Reads only; it changes nothing.
 """
 
 from __future__ import annotations
@@ -144,6 +144,48 @@ def _notify(alias: str) -> Iterator[Finding]:
                       " otherwise check for a proxy between the app and PostgreSQL")
 
 
+def _pooler(alias: str) -> Iterator[Finding]:
+    """A transaction pooler (PgBouncer) between reproq and PostgreSQL (`reproq.pooler`), and
+    which of today's settings for running behind one are still missing."""
+    import psycopg
+    from django.db import connections
+    from django.tasks import task_backends
+
+    from .conf import current_runtime_settings
+    from .pooler import DIRECT, detect
+
+    try:
+        found = detect(alias, notify_timeout=0)  # the listen/notify check waits for NOTIFY
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        yield Finding(WARN, "connection mode",
+                      f"cannot probe for a pooler: {type(exc).__name__}: {first}")
+        return
+    if found.mode == DIRECT:
+        yield Finding(OK, "connection mode", f"direct: {found.summary}")
+        return
+    rs = current_runtime_settings()
+    missing = []
+    if rs.listen:
+        missing.append("REPROQ_RUNTIME['LISTEN'] = False")
+    if rs.beat:
+        missing.append("REPROQ_RUNTIME['BEAT'] = False (run the beat on a direct DSN)")
+    try:
+        options = getattr(task_backends[rs.backend], "reproq_options", None)
+    except Exception:  # an invalid backend is the settings check's finding
+        options = None
+    if options is not None and options.prepared_statements:
+        missing.append(f"TASKS[{rs.backend!r}]['OPTIONS']['PREPARED_STATEMENTS'] = False")
+    if not connections[alias].settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):
+        missing.append(f"DATABASES[{alias!r}]['DISABLE_SERVER_SIDE_CURSORS'] = True")
+    if missing:
+        yield Finding(WARN, "connection mode", f"pgbouncer: {found.summary}",
+                      "set " + ", ".join(missing) + "; or give reproq a direct DSN")
+    else:
+        yield Finding(OK, "connection mode", f"pgbouncer: {found.summary}; the settings for "
+                      "a transaction pooler are in place")
+
+
 def _clock(cursor: Any) -> Iterator[Finding]:
     before = time.time()
     cursor.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
@@ -270,6 +312,7 @@ def diagnose(alias: str) -> list[Finding]:
             rs = current_runtime_settings()
             step("runtimes", lambda: _with_cursor(alias, lambda c: _runtime(c, rs)))
     step("listen/notify", lambda: _notify(alias))
+    step("connection mode", lambda: _pooler(alias))
     step("clock", lambda: _with_cursor(alias, _clock))
     return findings
 

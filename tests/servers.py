@@ -27,6 +27,7 @@ import httpx
 from django.db import connection
 
 from reproq.models import TaskRun, Worker
+from tests import pgbouncer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINAL = frozenset({"SUCCESSFUL", "FAILED", "CANCELLED", "EXPIRED"})
@@ -165,7 +166,20 @@ def child_env(token: str, extra: dict[str, str] | None = None) -> dict[str, str]
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra or {})
+    if pgbouncer.enabled() and os.environ.get(pgbouncer.URL_ENV):
+        # Through the session's PgBouncer, poll-only (tests.settings): a fallback timer far off
+        # (asked for by tests that prove NOTIFY wake-ups) would be the only wake-up there is.
+        env[pgbouncer.SWITCH_ENV] = "1"
+        env["DATABASE_URL"] = os.environ[pgbouncer.URL_ENV]
+        poll = env.get("REPROQ_POLL_FALLBACK_SECONDS")
+        if poll is None or float(poll) > pgbouncer.POLL_SECONDS:
+            env["REPROQ_POLL_FALLBACK_SECONDS"] = str(pgbouncer.POLL_SECONDS)
     return env
+
+
+def expect_listeners() -> bool:
+    """Whether runtimes hold a LISTEN connection (not through PgBouncer: poll-only there)."""
+    return not pgbouncer.enabled()
 
 
 @dataclass
@@ -238,7 +252,8 @@ class Child:
     def wait_ready(self, *, workers: int = 1, timeout: float = 30.0,
                    settle: float = 0.5) -> list[Worker]:
         """Healthz 200 with the runtime running, `workers` worker rows in this process tree and
-        each of them LISTENing; then `settle` seconds so the start-up catch-up claim is over."""
+        each of them LISTENing (unless poll-only behind PgBouncer); then `settle` seconds so
+        the start-up catch-up claim is over."""
         last: dict[str, Any] = {}
 
         def ready() -> list[Worker] | None:
@@ -255,10 +270,11 @@ class Child:
             last["workers"] = [(w.id, w.pid, w.server) for w in rows]
             if len(rows) < workers:
                 return None
-            listeners = listener_backends(w.id for w in rows)
-            last["listeners"] = listeners
-            if len([b for b in listeners if listening(b)]) < len(rows):
-                return None
+            if expect_listeners():
+                listeners = listener_backends(w.id for w in rows)
+                last["listeners"] = listeners
+                if len([b for b in listeners if listening(b)]) < len(rows):
+                    return None
             return rows
 
         rows = wait_until(ready, timeout=timeout, interval=0.1, what=f"{self.name} to be ready",

@@ -345,7 +345,7 @@ def test_doctor_passes_on_a_healthy_installation():
     assert {k: v[0] for k, v in found.items()} == {
         "settings": "ok", "database": "ok", "migrations": "ok", "tables": "ok", "run ids": "ok",
         "runtimes": "ok", "leases": "ok", "backlog": "ok", "beat": "ok", "queues": "ok",
-        "listen/notify": "ok", "clock": "ok"}
+        "listen/notify": "ok", "connection mode": "ok", "clock": "ok"}
     assert "PostgreSQL" in found["database"][1]
 
 

@@ -315,7 +315,7 @@ def test_notify_wakes_an_idle_runtime_without_the_fallback_timer():
 
 def test_listener_reconnects_after_its_backend_is_killed():
     async def body(rt):
-        await rt.listener.connected.wait()
+        await asyncio.wait_for(rt.listener.connected.wait(), timeout=10)
         old_pid = rt.listener.backend_pid
         async with rt.pool.connection() as conn:
             await conn.execute("SELECT pg_terminate_backend(%s)", [old_pid])
