@@ -510,3 +510,23 @@ def test_a_worker_id_that_no_database_can_store_is_a_usage_error(command, worker
     with pytest.raises(CommandError, match="--worker-id"):
         call_command("reproq", *command, "--worker-id", worker_id)
     assert not Worker.objects.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["prune", "--older-than", "1d", "--task", "\udcff"],
+    ["triage", "--task", "a\udc80"],
+    ["replay", "--failed-since", "1h", "--task", "\udcff"],
+    ["pause-queue", "default", "--reason", "caf\udce9"],
+    ["limit", "rm", "queue:\udcff"],
+], ids=repr)
+def test_argv_text_that_is_not_utf8_is_a_usage_error_and_changes_nothing(argv):
+    """Bytes of argv that are not UTF-8 arrive as lone surrogates, which no database driver
+    can send (the fuzz suite found UnicodeEncodeError tracebacks)."""
+    make_run("FAILED", finished_at=timezone.now() - timedelta(days=3))
+    before = list(TaskRun.objects.order_by("pk").values_list("pk", "status"))
+    with pytest.raises(CommandError, match="not valid UTF-8"):
+        call_command("reproq", *argv)
+    assert list(TaskRun.objects.order_by("pk").values_list("pk", "status")) == before
+    from reproq.models import QueueControl
+
+    assert not QueueControl.objects.filter(paused=True).exists()
