@@ -47,9 +47,17 @@ def text(*, nul: bool = True, surrogates: bool = False, max_size: int = 60) -> A
                      st.text(string.printable, max_size=max_size))
 
 
+# Every character str.isdigit() accepts (superscripts, Arabic-Indic, Devanagari, fullwidth ...):
+# int() refuses some of them and reads the others as ASCII digits.
+UNICODE_DIGITS = "".join(c for c in map(chr, range(0x10000)) if c.isdigit())
+
+
 def integers_text() -> Any:
     """Text that is almost a number: every shape a parser of ids or counts meets."""
     return st.one_of(
+        st.text(UNICODE_DIGITS, min_size=1, max_size=6),
+        st.builds(lambda a, b: a + b, st.sampled_from(["", "#", "-", " "]),
+                  st.text("0123456789" + UNICODE_DIGITS[:40], min_size=1, max_size=6)),
         st.integers().map(str),
         st.integers(min_value=-(2**70), max_value=2**70).map(str),
         st.sampled_from(TRICKY),
