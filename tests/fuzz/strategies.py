@@ -43,7 +43,8 @@ def text(*, nul: bool = True, surrogates: bool = False, max_size: int = 60) -> A
     blacklist = () if surrogates else ("Cs",)
     chars = st.characters(blacklist_categories=blacklist,
                           blacklist_characters=() if nul else ("\x00",))
-    return st.one_of(st.sampled_from(TRICKY), st.text(chars, max_size=max_size),
+    tricky = TRICKY if nul else [t for t in TRICKY if "\x00" not in t]
+    return st.one_of(st.sampled_from(tricky), st.text(chars, max_size=max_size),
                      st.text(string.printable, max_size=max_size))
 
 
@@ -93,11 +94,11 @@ def json_values(*, max_leaves: int = 25, nul: bool = True) -> Any:
     return st.recursive(json_scalars(nul=nul), extend, max_leaves=max_leaves)
 
 
-def markers() -> Any:
+def markers(*, nul: bool = True) -> Any:
     """Marker objects with a known kind and a value of the wrong shape or content."""
     wrongish = st.one_of(
-        json_values(max_leaves=6),
-        text(max_size=40),
+        json_values(max_leaves=6, nul=nul),
+        text(max_size=40, nul=nul),
         st.lists(st.integers(), min_size=3, max_size=3),
         st.lists(st.integers(min_value=-(2**40), max_value=2**40), min_size=0, max_size=4),
         st.sampled_from(["", "!!!", "a", "abc", "YWJj", "YWJj=", "YW Jj", "Y", "=", "----",
