@@ -63,7 +63,9 @@ def resolve_timezone(name: str | None) -> ZoneInfo:
     name = name or default_timezone_name()
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
+        # OSError: a name that is a directory of the tz database ("Europe") or longer than the
+        # file system allows.
         raise InvalidSchedule(f"unknown time zone {name!r}: use an IANA name such as "
                               "'Europe/Paris', 'America/New_York' or 'UTC'") from None
 

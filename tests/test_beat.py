@@ -182,6 +182,21 @@ def test_invalid_schedules_are_refused_with_clear_messages():
         recurring.recurring("* * * * *")(lambda: None)
 
 
+@pytest.mark.parametrize("name", ["Europe", "America/Argentina", "x" * 300, "Europe/" + "y" * 300])
+def test_zone_names_that_are_directories_or_too_long_are_unknown_time_zones(name):
+    """ZoneInfo raises OSError for these (IsADirectoryError, ENAMETOOLONG): found by the fuzz
+    suite; they are refused like any unknown zone, in the form and by @recurring."""
+    with pytest.raises(InvalidSchedule, match="unknown time zone"):
+        CronSchedule.parse("* * * * *", name)
+    with pytest.raises(InvalidSchedule, match="unknown time zone"):
+        recurring.recurring("* * * * *", timezone=name)
+    obj = PeriodicTask(name="tz", cron_expr="* * * * *", timezone=name,
+                       task_path="tests.testapp.tasks.add")
+    with pytest.raises(ValidationError) as info:
+        obj.full_clean()
+    assert "unknown time zone" in " ".join(info.value.message_dict["timezone"])
+
+
 def test_defaults_timezone_and_first_fire_on_save():
     s = make_schedule("defaults", "0 3 * * *", timezone="")
     assert s.timezone == "UTC"  # settings.TIME_ZONE

@@ -555,3 +555,35 @@ def test_old_schedule_ticks_behind_their_schedule_are_deleted():
     left = set(ScheduleTick.objects.values_list("pk", flat=True))
     assert left == {recent.pk, ahead_of_next.pk}
     assert not {t.pk for t in old} & left and behind.pk not in left
+
+
+@pytest.mark.parametrize("command", [["beat", "--once"], ["schedule"], ["worker"]], ids=repr)
+@pytest.mark.parametrize("worker_id", ["\udcff", "a\udc80b", "a\x00b", "tab\there", "",
+                                       "x" * 65], ids=repr)
+def test_a_worker_id_that_no_database_can_store_is_a_usage_error(command, worker_id):
+    """A lone surrogate (what a non-UTF-8 argv byte becomes), a control character or a wrong
+    length: refused by the parser, before anything runs (the fuzz suite found a
+    UnicodeEncodeError traceback from `schedule --worker-id $'\\xff'`)."""
+    with pytest.raises(CommandError, match="--worker-id"):
+        call_command("reproq", *command, "--worker-id", worker_id)
+    assert not Worker.objects.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["prune", "--older-than", "1d", "--task", "\udcff"],
+    ["triage", "--task", "a\udc80"],
+    ["replay", "--failed-since", "1h", "--task", "\udcff"],
+    ["pause-queue", "default", "--reason", "caf\udce9"],
+    ["limit", "rm", "queue:\udcff"],
+], ids=repr)
+def test_argv_text_that_is_not_utf8_is_a_usage_error_and_changes_nothing(argv):
+    """Bytes of argv that are not UTF-8 arrive as lone surrogates, which no database driver
+    can send (the fuzz suite found UnicodeEncodeError tracebacks)."""
+    make_run("FAILED", finished_at=timezone.now() - timedelta(days=3))
+    before = list(TaskRun.objects.order_by("pk").values_list("pk", "status"))
+    with pytest.raises(CommandError, match="not valid UTF-8"):
+        call_command("reproq", *argv)
+    assert list(TaskRun.objects.order_by("pk").values_list("pk", "status")) == before
+    from reproq.models import QueueControl
+
+    assert not QueueControl.objects.filter(paused=True).exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib import import_module
 from types import ModuleType
+from typing import Any
 
 SUBCOMMANDS = {
     "worker": "Run the reproq runtime without a web server (same runtime as in ASGI).",
@@ -28,3 +29,27 @@ SUBCOMMANDS = {
 
 def load(name: str) -> ModuleType:
     return import_module(f"reproq.cli.{name.replace('-', '_')}")
+
+
+def unencodable(options: dict[str, Any]) -> str | None:
+    """The first option holding text that is not valid UTF-8 (a lone surrogate: what a byte of
+    argv that is not UTF-8 becomes), as ``name 'value'``; None if every value is fine."""
+    for name, value in options.items():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"{name} {item!r}"
+    return None
+
+
+def run(name: str, command: Any, options: dict[str, Any]) -> None:
+    """Run subcommand `name` with parsed `options`; text no database can take is a usage
+    error here, not a UnicodeEncodeError traceback from the driver."""
+    from django.core.management.base import CommandError
+
+    bad = unencodable(options)
+    if bad is not None:
+        raise CommandError(f"{bad} is not valid UTF-8 text")
+    load(name).handle(command, **options)

@@ -26,6 +26,20 @@ def run_id(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def worker_id(text: str) -> str:
+    """An id shown in the workers table and lease columns: 1-64 printable characters (no
+    control characters, and no lone surrogates, which a non-UTF-8 argv byte becomes)."""
+    if not 0 < len(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text[:80]!r}: a worker id is 1 to 64 characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8 text") from None
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r} contains control characters")
+    return text
+
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 

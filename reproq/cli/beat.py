@@ -17,11 +17,14 @@ from typing import Any
 import anyio
 from django.core.management.base import BaseCommand, CommandError
 
+from .argtypes import worker_id
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true",
                         help="enqueue what is due now (if no other process leads) and exit")
-    parser.add_argument("--worker-id", help="id shown as the leader (default host-pid-random)")
+    parser.add_argument("--worker-id", type=worker_id,
+                        help="id shown as the leader (default host-pid-random)")
 
 
 def _settings() -> Any:

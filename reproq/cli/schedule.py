@@ -11,9 +11,12 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
+from .argtypes import worker_id
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--worker-id", help="id shown as the leader (default host-pid-random)")
+    parser.add_argument("--worker-id", type=worker_id,
+                        help="id shown as the leader (default host-pid-random)")
 
 
 def handle(command: BaseCommand, **options: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 from django.core.management.base import BaseCommand, CommandError
 
-from .argtypes import positive_int
+from .argtypes import positive_int, worker_id
 
 
 def _queue_list(text: str) -> list[str]:
@@ -28,7 +28,8 @@ def _queue_list(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queues", type=_queue_list, help="comma-separated queue names")
     parser.add_argument("--concurrency", type=positive_int, help="tasks run at once")
-    parser.add_argument("--worker-id", help="stable id for this worker (default host-pid-random)")
+    parser.add_argument("--worker-id", type=worker_id,
+                        help="stable id for this worker (default host-pid-random)")
     parser.add_argument("--process-queues", type=_queue_list,
                         help="queues whose sync tasks run in killable child processes")
     parser.add_argument("--poll-only", action="store_true",

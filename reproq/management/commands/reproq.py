@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from ...cli import SUBCOMMANDS, load
+from ...cli import SUBCOMMANDS, load, run
 
 
 class Command(BaseCommand):
@@ -25,4 +25,4 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         name = options.pop("subcommand")
-        load(name).handle(self, **options)
+        run(name, self, options)
