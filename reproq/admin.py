@@ -56,8 +56,52 @@ def _pause_each(model_admin: admin.ModelAdmin, request: HttpRequest,
                                  + ", ".join(repr(q[:80]) for q in invalid), messages.ERROR)
 
 
+def _lookup_ok(model: Any, value: str) -> bool:
+    """A primary key value from a URL or a form is one the database can be asked about (a NUL
+    in a text key makes PostgreSQL raise; a non-number for a bigint key makes Django raise)."""
+    from django.core.exceptions import ValidationError
+
+    if "\x00" in value:
+        return False
+    try:
+        model._meta.pk.to_python(value)
+    except (ValidationError, ValueError):
+        return False
+    if model._meta.pk.get_internal_type() in {"BigAutoField", "AutoField", "BigIntegerField"}:
+        from .ids import parse_id
+
+        try:
+            parse_id(value)
+        except ValueError:
+            return False
+    return True
+
+
+class StrictLookups(admin.ModelAdmin):
+    """Bad primary keys in change URLs and in the action checkboxes are "not found" / an error
+    message, never a 500."""
+
+    def get_object(self, request: HttpRequest, object_id: str, from_field: Any = None) -> Any:
+        if from_field is None and not _lookup_ok(self.model, str(object_id)):
+            return None
+        return super().get_object(request, object_id, from_field)
+
+    def response_action(self, request: HttpRequest, queryset: QuerySet[Any],
+                        **kwargs: Any) -> Any:  # Django 6.1 adds action_location
+        from django.contrib.admin import helpers
+        from django.http import HttpResponseRedirect
+
+        selected = request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)
+        if not all(_lookup_ok(self.model, v) for v in selected):
+            self.message_user(request, "the selection holds values that are not ids of "
+                              f"{self.model._meta.verbose_name_plural}; nothing was done",
+                              messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
+        return super().response_action(request, queryset, **kwargs)
+
+
 @admin.register(TaskRun)
-class TaskRunAdmin(admin.ModelAdmin):
+class TaskRunAdmin(StrictLookups):
     """Task runs on tables of millions of rows: estimated counts (no COUNT(*)), filters and
     search that use indexes, list pages that skip the JSON payload columns."""
 
@@ -194,7 +238,7 @@ class TaskRunAdmin(admin.ModelAdmin):
 
 
 @admin.register(Worker)
-class WorkerAdmin(admin.ModelAdmin):
+class WorkerAdmin(StrictLookups):
     list_display = ("id", "hostname", "pid", "server", "concurrency", "started_at",
                     "last_seen_at", "leader_since")
     readonly_fields = [f.name for f in Worker._meta.fields]
@@ -220,7 +264,7 @@ class QueueControlForm(forms.ModelForm):
 
 
 @admin.register(QueueControl)
-class QueueControlAdmin(admin.ModelAdmin):
+class QueueControlAdmin(StrictLookups):
     form = QueueControlForm
     list_display = ("queue_name", "paused", "reason", "updated_at", "updated_by")
     actions = ["pause", "resume"]
@@ -257,7 +301,7 @@ class RateLimitForm(forms.ModelForm):
 
 
 @admin.register(RateLimit)
-class RateLimitAdmin(admin.ModelAdmin):
+class RateLimitAdmin(StrictLookups):
     form = RateLimitForm
     list_display = ("key", "rate", "period_seconds", "burst", "tokens", "refreshed_at")
     search_fields = ("key",)
@@ -275,7 +319,7 @@ class RateLimitAdmin(admin.ModelAdmin):
 
 
 @admin.register(PeriodicTask)
-class PeriodicTaskAdmin(admin.ModelAdmin):
+class PeriodicTaskAdmin(StrictLookups):
     """Cron schedules. Validation (cron, time zone, task path) comes from the model's clean();
     "run now" sets next_run_at to now, so the beat leader fires it at its next look."""
 

@@ -360,7 +360,8 @@ WITH {_CLAIM_LIVE}, cand AS (
         run_after = CASE WHEN d.verdict = 'RATE'
                          THEN now() + make_interval(secs => GREATEST(d.rate_delay, 0.001))
                          ELSE t.run_after END,
-        attempts = t.attempts + CASE WHEN d.verdict = 'RUN' THEN 1 ELSE 0 END,
+        -- least(): a hand-written attempts of 2^31-1 must not overflow the whole claim
+        attempts = least(t.attempts, 2147483646) + CASE WHEN d.verdict = 'RUN' THEN 1 ELSE 0 END,
         started_at = CASE WHEN d.verdict = 'RUN' THEN coalesce(t.started_at, now())
                           ELSE t.started_at END,
         last_attempted_at = CASE WHEN d.verdict = 'RUN' THEN now() ELSE t.last_attempted_at END,
@@ -419,7 +420,7 @@ WITH {_CLAIM_LIVE}, cand AS (
     UPDATE reproq_task_runs t SET
         status = CASE WHEN c.expired THEN 'EXPIRED' ELSE 'RUNNING' END,
         blocked = false,
-        attempts = t.attempts + CASE WHEN c.expired THEN 0 ELSE 1 END,
+        attempts = least(t.attempts, 2147483646) + CASE WHEN c.expired THEN 0 ELSE 1 END,
         started_at = CASE WHEN c.expired THEN t.started_at ELSE coalesce(t.started_at, now()) END,
         last_attempted_at = CASE WHEN c.expired THEN t.last_attempted_at ELSE now() END,
         finished_at = CASE WHEN c.expired THEN now() END,

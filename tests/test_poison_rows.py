@@ -195,3 +195,18 @@ def test_an_unstorable_result_never_holds_up_the_results_beside_it(kind):
         assert "bad \\x00 byte and \\ud800 half a pair" in first.errors[-1].traceback
     elif kind in {"nul", "surrogate"}:
         assert first.raw_status == "FAILED" and "cannot be stored" in first.status_reason
+
+
+def test_a_hand_written_attempts_count_at_the_integer_limit_does_not_stop_the_claims():
+    beside = [tasks.add.enqueue(i, 1) for i in range(3)]
+    odd = tasks.add.enqueue(5, 5)
+    with connection.cursor() as cur:
+        cur.execute("UPDATE reproq_task_runs SET attempts = 2147483647, "
+                    "max_attempts = 2147483647 WHERE id = %s", [int(odd.id)])
+
+    async def body(rt: Runtime):
+        return rt, [await wait_for(r.id, timeout=15) for r in [*beside, odd]]
+
+    rt, done = run_with_runtime(body)
+    assert [r.raw_status for r in done] == ["SUCCESSFUL"] * 4
+    assert rt.crashes.get("claimer", 0) == 0
