@@ -376,7 +376,11 @@ def dumps(value: Any, where: str = "payload") -> str:
     keyword argument names). The check is free for ASCII text (``str.isascii`` is O(1)); other
     text is encoded to UTF-8 once, which the size limit needs anyway.
     """
-    text = _ENCODER.encode(value)
+    try:
+        text = _ENCODER.encode(value)
+    except ValueError as exc:  # an int of more than sys.get_int_max_str_digits() digits
+        raise PayloadError(f"{where} holds an integer too large to store ({exc}); pass it as a "
+                           "string") from None
     if text.isascii():
         size = len(text)
     else:

@@ -591,3 +591,9 @@ def test_hand_written_row_with_a_non_base64_bytes_marker_fails_at_once_without_r
     assert "PayloadDecodeError" in failed.status_reason
     assert succeeded.raw_status == "SUCCESSFUL"
     assert succeeded.return_value == {"args": [b"hi"], "kwargs": {}}
+
+
+def test_an_integer_too_large_to_write_as_json_is_a_payload_error_naming_the_place():
+    with pytest.raises(payload.PayloadError, match="args holds an integer too large"):
+        payload.dumps(payload.encode([1, 10**4300], "args"), "args")
+    assert payload.dumps(payload.encode([10**4000], "args"), "args").startswith("[1000")
