@@ -7,11 +7,12 @@ the API and CLI (cancel, pause/resume), so admin changes wake every process thro
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Case, DateTimeField, F, QuerySet, Value, When
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
@@ -100,13 +101,38 @@ class StrictLookups(admin.ModelAdmin):
         return super().response_action(request, queryset, **kwargs)
 
 
+# A run's times as the pages read them: a time Python's datetime cannot hold (±infinity, a
+# year past 9999 or before 1, in a row written by hand) reads as None, instead of failing the
+# driver's load of the whole page (every run listed beside it).
+RUN_TIMES = ("enqueued_at", "run_after", "started_at", "last_attempted_at", "finished_at",
+             "leased_until", "expires_at")
+_PY_TIMES = (datetime(1, 1, 2, tzinfo=UTC), datetime(9999, 12, 30, tzinfo=UTC))
+
+
+def with_readable_times(qs: QuerySet[TaskRun]) -> QuerySet[TaskRun]:
+    return qs.defer(*RUN_TIMES).annotate(**{
+        f"shown_{name}": Case(When(**{f"{name}__range": _PY_TIMES}, then=F(name)),
+                              default=Value(None), output_field=DateTimeField())
+        for name in RUN_TIMES})
+
+
+def _time_display(name: str) -> Any:
+    @admin.display(description=name.replace("_", " "), ordering=name)
+    def show(self: Any, obj: TaskRun) -> Any:
+        value = getattr(obj, f"shown_{name}", None)
+        return value if value is not None else "-"
+
+    show.__name__ = f"shown_{name}"
+    return show
+
+
 @admin.register(TaskRun)
 class TaskRunAdmin(StrictLookups):
     """Task runs on tables of millions of rows: estimated counts (no COUNT(*)), filters and
     search that use indexes, list pages that skip the JSON payload columns."""
 
     list_display = ("id", "task_path", "queue_name", "status", "priority", "attempts",
-                    "enqueued_at", "started_at", "finished_at", "lease_owner")
+                    "shown_enqueued_at", "shown_started_at", "shown_finished_at", "lease_owner")
     list_filter = ("status", QueueFilter, TaskPathFilter, LeaseFilter)
     search_fields = ("task_path",)  # see get_search_results: an id or part of a task path
     search_help_text = "A run id (123 or #123), or part of a task path."
@@ -114,21 +140,28 @@ class TaskRunAdmin(StrictLookups):
     show_full_result_count = False
     show_facets = admin.ShowFacets.NEVER
     paginator = EstimatedCountPaginator
-    readonly_fields = [f.name for f in TaskRun._meta.fields if f.name not in {"args", "kwargs",
-                                                                             "errors",
-                                                                             "return_value",
-                                                                             "metadata"}] + [
+    readonly_fields = [
+        f"shown_{f.name}" if f.name in RUN_TIMES else f.name for f in TaskRun._meta.fields
+        if f.name not in {"args", "kwargs", "errors", "return_value", "metadata"}] + [
         "args_display", "kwargs_display", "errors_display", "return_value_display",
         "metadata_display"]
-    exclude = ("args", "kwargs", "errors", "return_value", "metadata")
+    exclude = ("args", "kwargs", "errors", "return_value", "metadata", *RUN_TIMES)
     actions = ["cancel_runs", "retry_failed", "replay_runs", "discard_runs", "pause_queues",
                "resume_queues"]
+
+    shown_enqueued_at = _time_display("enqueued_at")
+    shown_run_after = _time_display("run_after")
+    shown_started_at = _time_display("started_at")
+    shown_last_attempted_at = _time_display("last_attempted_at")
+    shown_finished_at = _time_display("finished_at")
+    shown_leased_until = _time_display("leased_until")
+    shown_expires_at = _time_display("expires_at")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TaskRun]:
-        qs = super().get_queryset(request)
+        qs = with_readable_times(super().get_queryset(request))
         match = getattr(request, "resolver_match", None)
         if match is not None and (match.url_name or "").endswith("_changelist"):
             qs = qs.defer("args", "kwargs", "errors", "return_value", "metadata", "worker_ids")

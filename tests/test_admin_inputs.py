@@ -47,3 +47,19 @@ def test_good_selected_ids_still_act(staff):
         "action": "cancel_runs", "_selected_action": [str(run.pk)], "index": "0"}, follow=True)
     assert response.status_code == 200
     assert TaskRun.objects.get(pk=run.pk).status == "CANCELLED"
+
+
+def test_times_python_cannot_hold_show_as_unknown_in_the_admin_list_and_page(staff):
+    from django.db import connection
+
+    odd, beside = make_run("READY"), make_run("FAILED")
+    with connection.cursor() as cur:
+        cur.execute("UPDATE reproq_task_runs SET enqueued_at = '-infinity', "
+                    "run_after = 'infinity', started_at = '20000-01-01', "
+                    "finished_at = '4713-01-01 BC' WHERE id = %s", [odd.pk])
+    listing = staff.get("/admin/reproq/taskrun/")
+    assert listing.status_code == 200
+    assert f">{beside.pk}<" in listing.content.decode()  # the row beside it is listed too
+    page = staff.get(f"/admin/reproq/taskrun/{odd.pk}/change/")
+    assert page.status_code == 200
+    assert staff.get(f"/admin/reproq/taskrun/?o=7&q={odd.pk}").status_code == 200  # sorted
