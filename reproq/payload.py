@@ -78,6 +78,14 @@ def _canonical(value: Any) -> str:
 
 def encode(value: Any, where: str = "value") -> Any:
     """Return a JSON-able form of `value`; raise `PayloadError` naming `where` if impossible."""
+    try:
+        return _encode(value, where)
+    except RecursionError:
+        raise PayloadError(f"{where} is nested too deeply to store (more levels than Python's "
+                           "recursion limit)") from None
+
+
+def _encode(value: Any, where: str) -> Any:
     kind = type(value)
     if value is None or kind is bool or kind is int:
         return value
@@ -94,7 +102,7 @@ def encode(value: Any, where: str = "value") -> Any:
             return {MARK: "float", "v": repr(value)}
         return value
     if kind is list:
-        return [encode(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [_encode(item, f"{where}[{i}]") for i, item in enumerate(value)]
     if kind is dict:
         out: dict[str, Any] = {}
         for key, item in value.items():
@@ -104,14 +112,15 @@ def encode(value: Any, where: str = "value") -> Any:
                 )
             if "\x00" in key:
                 raise _fail(f"{where} key {key!r}", key, "it contains a NUL character")
-            out[key] = encode(item, f"{where}[{key!r}]")
+            out[key] = _encode(item, f"{where}[{key!r}]")
         if MARK in out:
             return {MARK: "dict", "v": out}
         return out
     if kind is tuple:
-        return {MARK: "tuple", "v": [encode(item, f"{where}[{i}]") for i, item in enumerate(value)]}
+        return {MARK: "tuple",
+                "v": [_encode(item, f"{where}[{i}]") for i, item in enumerate(value)]}
     if kind is set or kind is frozenset:
-        items = [encode(item, f"{where} item") for item in value]
+        items = [_encode(item, f"{where} item") for item in value]
         items.sort(key=_canonical)
         return {MARK: kind.__name__, "v": items}
     if kind is dt.datetime:
@@ -165,6 +174,8 @@ def decode(value: Any, load: ModelLoader | None = load_model, where: str = "payl
     """
     try:
         return _decode(value, load)
+    except RecursionError:  # jsonb nests deeper than Python's stack (rows written by hand)
+        raise PayloadDecodeError(f"{where} is nested too deeply to decode") from None
     except PayloadDecodeError as exc:
         located = _locate(value, where)
         if located is None:  # pragma: no cover - _decode and _locate disagree
@@ -260,9 +271,12 @@ def _marker(kind: Any, value: dict[str, Any], load: ModelLoader | None) -> Any:
             if not isinstance(raw, str):
                 raise _bad(kind, f"needs base64 text in 'v', not {_json_type(raw)}")
             try:
-                return base64.b64decode(raw, validate=True)
+                data = base64.b64decode(raw, validate=True)
             except (binascii.Error, ValueError):
                 raise _bad(kind, "holds text that is not valid base64") from None
+            if base64.b64encode(data).decode() != raw:  # "0000=", "AB==": not what encode writes
+                raise _bad(kind, "holds base64 text that is not in canonical form")
+            return data
         case "model":
             if not (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], str)
                     and _MODEL_LABEL.fullmatch(raw[0]) is not None):

@@ -597,3 +597,13 @@ def test_an_integer_too_large_to_write_as_json_is_a_payload_error_naming_the_pla
     with pytest.raises(payload.PayloadError, match="args holds an integer too large"):
         payload.dumps(payload.encode([1, 10**4300], "args"), "args")
     assert payload.dumps(payload.encode([10**4000], "args"), "args").startswith("[1000")
+
+
+def test_nesting_deeper_than_pythons_stack_is_a_payload_error_both_ways():
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(payload.PayloadError, match=r"args\[0\] is nested too deeply to store"):
+        payload.encode_call([deep], {})
+    with pytest.raises(payload.PayloadDecodeError, match="args is nested too deeply to decode"):
+        payload.decode(deep, None, where="args")

@@ -108,7 +108,7 @@ def test_encode_either_stores_faithfully_or_refuses_with_payload_error(value):
     """The promise of docs/enqueue.md: what cannot round-trip is refused at enqueue with
     PayloadError naming the argument - never another exception, never a silent change."""
     try:
-        text = payload.dumps(payload.encode(value, "args[0]"))
+        text = payload.dumps(payload.encode(value, "args[0]"), "args[0]")
     except PayloadError as exc:
         assert "args[0]" in str(exc)
         return
