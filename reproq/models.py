@@ -125,6 +125,12 @@ class TaskRun(models.Model):
                                    name="reproq_runs_pending_deps_nonnegative"),
             models.CheckConstraint(condition=Q(receives__in=["", "result", "results"]),
                                    name="reproq_runs_receives_valid"),
+            # A limit of 0 (or less), written by hand, would park its runs for ever.
+            models.CheckConstraint(condition=Q(sem_limit__isnull=True) | Q(sem_limit__gte=1),
+                                   name="reproq_runs_sem_limit_positive"),
+            models.CheckConstraint(condition=Q(concurrency_limit__isnull=True)
+                                   | Q(concurrency_limit__gte=1),
+                                   name="reproq_runs_concurrency_limit_positive"),
         ]
 
     def __str__(self) -> str:

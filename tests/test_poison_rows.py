@@ -210,3 +210,16 @@ def test_a_hand_written_attempts_count_at_the_integer_limit_does_not_stop_the_cl
     rt, done = run_with_runtime(body)
     assert [r.raw_status for r in done] == ["SUCCESSFUL"] * 4
     assert rt.crashes.get("claimer", 0) == 0
+
+
+@pytest.mark.parametrize("column", ["sem_limit", "concurrency_limit"])
+@pytest.mark.parametrize("limit", [0, -1])
+def test_a_concurrency_limit_below_one_written_by_hand_is_refused_by_postgresql(column, limit):
+    """Such a run would wait for a free slot for ever: the database refuses the write."""
+    from django.db import IntegrityError, transaction
+
+    run = tasks.add.enqueue(1, 1)
+    with pytest.raises(IntegrityError, match=f"reproq_runs_{column}_positive"), \
+            transaction.atomic(), connection.cursor() as cur:
+        cur.execute(f"UPDATE reproq_task_runs SET {column} = %s WHERE id = %s",
+                    [limit, int(run.id)])
