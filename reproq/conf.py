@@ -163,6 +163,7 @@ class RuntimeSettings:
     heartbeat_seconds: float = 10.0
     reclaim_seconds: float = 15.0
     poll_fallback_seconds: float = 30.0
+    poll_interval_seconds: float = 1.0  # poll-only mode (LISTEN off): how often to look
     priority_aging_factor: float = 0.0
     shutdown_grace_seconds: float = 20.0
     process_queues: tuple[str, ...] = ()  # queues whose sync tasks run in child processes
@@ -200,6 +201,7 @@ _RUNTIME_KINDS: dict[str, str] = {
     "heartbeat_seconds": "posnum",
     "reclaim_seconds": "posnum",
     "poll_fallback_seconds": "posnum",
+    "poll_interval_seconds": "posnum",
     "priority_aging_factor": "nonnegnum",
     "shutdown_grace_seconds": "nonnegnum",
     "process_queues": "queues",

@@ -506,13 +506,14 @@ def test_sse_streams_events_of_another_process_with_filters_resume_and_cleanup(s
                                 headers={"Authorization": f"Bearer {web.token}"})
         assert bad_filter.status_code == 400
 
-        # The reader's LISTEN connection is killed: it reconnects and catches up.
+        # The web process's LISTEN connection (its notifier's: the hub has none of its own)
+        # is killed: it reconnects and the hub catches up.
         with _stream(client, web) as resp:
             read_sse(resp, until=lambda m, r: True, timeout=5)  # the opening comment
             with connection.cursor() as cur:
                 cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                             "WHERE datname = current_database() "
-                            "AND application_name LIKE 'reproq-sse-%'")
+                            "AND application_name = %s", [f"reproq-listen-{web.pid}"])
                 assert cur.fetchone()[0] == 1
             rid = int(worker.enqueue_http("add", 40, 2))
             messages, _ = read_sse(resp, timeout=15, until=lambda m, r: any(
