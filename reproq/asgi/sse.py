@@ -2,9 +2,11 @@
 
 Producers (every process, see `reproq.runtime.events` and the ENQUEUE / SET_PAUSED
 statements) write coalesced rows to ``reproq_events`` and NOTIFY the ``reproq`` channel. Here,
-one `EventHub` per process (per event loop) keeps ONE dedicated LISTEN connection, started by
-the first subscriber and closed when nobody has listened for a while. Any notification (or a
-poll every ``REPROQ_SSE_POLL_SECONDS`` as a fallback) makes it read the new rows once —
+one `EventHub` per process (per event loop), started by the first subscriber and stopped when
+nobody has listened for a while, subscribes to the process's notifier
+(`reproq.runtime.notifier`: the one LISTEN connection it shares with the runtime, or a poll
+timer in poll-only mode) and reads with the process's pool. Any notification (or a poll every
+``REPROQ_SSE_POLL_SECONDS`` as a fallback) makes it read the new rows once —
 ``WHERE id > cursor ORDER BY id LIMIT 500`` — and fan them out to its subscribers. Each event
 is serialized once and shared by every subscriber; a ``data`` larger than ``DATA_MAX_BYTES``
 is replaced by ``{"truncated": true, "bytes": n}`` in SQL, so a huge hand-written row never
@@ -566,49 +568,63 @@ class EventHub:
         return shutting_down() or time.monotonic() - self._idle_since > IDLE_CLOSE_SECONDS
 
     async def _run(self) -> None:
+        """Read new events whenever the process's notifier announces some (`Topic.EVENTS`), or
+        says to look anyway (a reconnect, a poll tick), and at least every poll interval. The
+        reads borrow the process's pool: the hub holds no connection of its own."""
+        from ..conf import current_runtime_settings
+        from ..runtime import notifier as notifiers
+        from ..runtime.ports import Topic
+
         delay = 0.2
         poll = number("REPROQ_SSE_POLL_SECONDS", 5.0, minimum=0.05)
-        while True:
-            try:
-                conn = await db.connect(self.alias,
-                                        application_name=f"reproq-sse-{os.getpid()}"[:63])
-            except Exception as exc:
-                self.error = f"{type(exc).__name__}: {exc}"
-                logger.warning("reproq: SSE event reader cannot connect (%s); retrying in %.1fs",
-                               self.error, delay)
-                if self._should_close():
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            try:
-                await conn.execute(f"LISTEN {sql.CHANNEL}")
-                if not self.cursor:
-                    cur = await conn.execute(LAST_ID)
-                    self.cursor = int((await cur.fetchone())["last"])
-                self.connections += 1
-                delay = 0.2
-                self.ready.set()
-                while True:
-                    await self.fetch(conn)  # first pass: catch up after a reconnect
+        rs = current_runtime_settings()
+        notifier = notifiers.shared(
+            self.alias, poll_interval=None if rs.listen else rs.poll_interval_seconds,
+            application_name=f"reproq-listen-{os.getpid()}")
+        heard = asyncio.Event()
+
+        def announced(value: str | None) -> None:
+            if value is not None:
+                self.notifications += 1
+            heard.set()
+
+        unsubscribe = notifier.subscribe(Topic.EVENTS, announced)
+        try:
+            while True:
+                try:
+                    pool = await db.get_pool(self.alias)
+                    if not self.cursor:
+                        async with pool.connection(timeout=db.client_timeout(self.alias)) as conn:
+                            cur = await conn.execute(LAST_ID)
+                            self.cursor = int((await cur.fetchone())["last"])
+                    self.connections += 1
+                    delay = 0.2
+                    self.error = ""
+                    self.ready.set()
+                    while True:
+                        heard.clear()
+                        async with pool.connection(timeout=db.client_timeout(self.alias)) as conn:
+                            await self.fetch(conn)
+                        if self._should_close():
+                            # A later start begins at the then-newest event, not here.
+                            self.cursor = 0
+                            self.gaps.clear()
+                            return
+                        await asyncio.sleep(COALESCE_SECONDS)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(heard.wait(), poll)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.error = db.describe(exc)
+                    logger.warning("reproq: SSE event reader cannot read events (%s); retrying "
+                                   "in %.1fs", self.error, delay)
                     if self._should_close():
-                        # A later start begins at the then-newest event, not here.
-                        self.cursor = 0
-                        self.gaps.clear()
                         return
-                    await asyncio.sleep(COALESCE_SECONDS)
-                    async for _ in conn.notifies(timeout=poll, stop_after=1):
-                        self.notifications += 1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.error = f"{type(exc).__name__}: {exc}"
-                logger.warning("reproq: SSE event reader lost its connection (%s); reconnecting",
-                               self.error)
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(conn.close())
-            await asyncio.sleep(delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, db.RECONNECT_MAX_DELAY)
+        finally:
+            unsubscribe()
 
 
 # --------------------------------------------------------------------------- aborting connections

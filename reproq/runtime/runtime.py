@@ -1,6 +1,6 @@
 """`Runtime`: one supervised anyio task group per process running every reproq service.
 
-Services (listener, claimer, promoter, completer, heartbeat, reclaim, beat) are each supervised: a
+Services (claimer, promoter, completer, heartbeat, reclaim, beat) are each supervised: a
 crash is logged, counted and restarted with backoff, and never reaches the web server. Jobs run
 in a second task group so that shutdown can stop claiming, wait for running jobs up to the grace
 period, cancel the rest and put them back to READY without burning an attempt, flush results,
@@ -9,6 +9,7 @@ and remove the worker row.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -22,6 +23,7 @@ from django.tasks import task_backends
 from .. import db, sql
 from ..backend import ReproqBackend
 from ..conf import RuntimeSettings, load_runtime_settings, parse_backend_options
+from . import notifier as notifiers
 from .beat import Beat
 from .claimer import Claimer
 from .completer import Completer
@@ -30,8 +32,8 @@ from .executor import Executor
 from .gate import RequestGate
 from .heap import freeze_startup_heap, frozen_objects
 from .heartbeat import Heartbeat
-from .listener import Listener
 from .outcome import Completion, RetryPolicy
+from .ports import Topic, Unsubscribe
 from .promoter import Promoter
 from .reclaim import Reclaimer
 from .registry import WorkerIdentity, detect_server, make_worker_id
@@ -108,9 +110,32 @@ class Runtime:
     def worker_row(self) -> dict[str, Any]:
         return self.identity.row()
 
-    def wake_all(self) -> None:
-        self.claimer.wake()
-        self.promoter.poke()
+    def _subscribe(self, notifier: notifiers.AnyNotifier) -> list[Unsubscribe]:
+        """What each topic wakes here (value None: look anyway, after a reconnect or a poll)."""
+        queues = set(self.queues)
+
+        def ready(queue: str | None) -> None:
+            if queue is None or queue in queues:
+                self.claimer.wake()
+
+        def due(value: str | None) -> None:
+            if value is None:
+                self.promoter.poke()
+                return
+            with contextlib.suppress(ValueError):
+                self.promoter.note_due(float(value))
+
+        def cancel(value: str | None) -> None:
+            if value is None:  # a poll tick or a reconnect: the heartbeat reports cancels
+                if self.executor.running:
+                    self.heartbeat.poke()
+            elif value.isascii() and value.isdigit():
+                self.executor.cancel(int(value))
+
+        return [notifier.subscribe(Topic.READY, ready),
+                notifier.subscribe(Topic.QUEUE, lambda _queue: self.claimer.wake()),
+                notifier.subscribe(Topic.DUE, due),
+                notifier.subscribe(Topic.CANCEL, cancel)]
 
     def note_claimed(self, rows: list[dict[str, Any]]) -> None:
         self.events.started(rows)
@@ -151,7 +176,6 @@ class Runtime:
         self.executor = Executor(self)
         self.completer = Completer(self)
         self.claimer = Claimer(self)
-        self.listener = Listener(self)
         self.promoter = Promoter(self)
         self.heartbeat = Heartbeat(self)
         self.reclaimer = Reclaimer(self)
@@ -165,6 +189,12 @@ class Runtime:
                                  name=f"reproq-{self.worker_id}"[:63])
         await self.pool.open(wait=False)
         db.register_pool(self.backend.database, self.pool)
+        # One notifier per process and database, shared with the dashboard's SSE hub: LISTEN,
+        # or in poll-only mode a timer that tells every subscriber to look for itself.
+        self.notifier = notifiers.shared(
+            self.backend.database, poll_interval=None if rs.listen else rs.poll_interval_seconds,
+            application_name=f"reproq-listen-{self.worker_id}")
+        subscriptions = self._subscribe(self.notifier)
         self.state = "starting"
         try:
             if self.processes is not None:
@@ -176,8 +206,6 @@ class Runtime:
                 services.start_soon(self._supervise, "reclaim", self.reclaimer.run)
                 services.start_soon(self._supervise, "promoter", self.promoter.run)
                 services.start_soon(self._supervise, "events", self.events.run)
-                if rs.listen:
-                    services.start_soon(self._supervise, "listener", self.listener.run)
                 if rs.beat:
                     services.start_soon(self._supervise, "beat", self.beat.run)
                     services.start_soon(self._supervise, "leadership",
@@ -201,7 +229,10 @@ class Runtime:
                 services.cancel_scope.cancel()
         finally:
             self.state = "stopped"
+            for unsubscribe in subscriptions:
+                unsubscribe()
             with anyio.CancelScope(shield=True):
+                await notifiers.stop_if_unused(self.backend.database)
                 if hasattr(self, "executor"):
                     await self.executor.cancel_all()  # when cancelled from outside
                     self.executor.threads.close()
@@ -325,7 +356,8 @@ class Runtime:
             "worker_id": self.worker_id, "state": self.state, "queues": list(self.queues),
             "running": len(self.executor.running) if hasattr(self, "executor") else 0,
             "crashes": dict(self.crashes), "outcomes": dict(self.outcomes),
-            "listening": bool(getattr(self, "listener", None) and self.listener.conn is not None),
+            "listening": bool(getattr(self, "notifier", None) and self.notifier.connected),
+            "notifier": self.notifier.status() if hasattr(self, "notifier") else None,
             "leader": self.beat.status() if hasattr(self, "beat") else None,
             "gate": self.gate.status(),
             "gc_frozen_objects": frozen_objects(),
