@@ -787,3 +787,133 @@ def test_three_runtimes_failover_every_tick_once(servers, leader):
     for kind in set(kinds_tried):
         times = [f["seconds"] for f in failovers if f["kind"] == kind]
         _report(f"failover_{leader}_{kind}_max_seconds", max(times))
+
+
+# --------------------------------------------------------------------------- the lease's fence
+
+
+def test_a_stale_lease_leader_cannot_commit_through_its_fence():
+    """A leader whose lease was taken over while it still trusts itself (a pause shorter than
+    its trust deadline, a clock jump): its `leading()` block raises NotLeader and nothing it
+    wrote there commits; the new leader's block works."""
+    from reproq.runtime.beat import standalone
+    from reproq.runtime.ports import NotLeader
+    from reproq.runtime.runtime import build_settings
+
+    s = make_schedule("fenced", YEARLY)
+    rs = build_settings({**BEAT_OVERRIDES, "leader": "lease"})
+    old, new = (standalone(rs, f"fence-{i}").peer for i in (1, 2))
+
+    async def main():
+        async with old.once() as led:
+            assert led and old.is_leader
+            async with old.leading() as conn:  # while the lease is ours, writes commit
+                await conn.execute("UPDATE reproq_periodic_tasks SET priority = 1 "
+                                   "WHERE id = %s", [s.pk])
+            async with await db.connect() as other:  # the lease runs out; another takes it
+                await other.execute("UPDATE reproq_leaders SET expires_at = now() - "
+                                    "interval '1 second'")
+            async with new.once() as took:
+                assert took and old.is_leader  # the old leader's local trust has not run out
+                with pytest.raises(NotLeader):
+                    async with old.leading() as conn:
+                        await conn.execute("UPDATE reproq_periodic_tasks SET priority = 2 "
+                                           "WHERE id = %s", [s.pk])
+                assert not old.is_leader  # the failed fence ended its belief at once
+                async with new.leading() as conn:
+                    await conn.execute("UPDATE reproq_periodic_tasks SET priority = 3 "
+                                       "WHERE id = %s AND priority = 1", [s.pk])
+        await db.close_pools()
+
+    asyncio.run(main())
+    s.refresh_from_db()
+    assert s.priority == 3  # 1 by the old leader while leading, never 2, then 3 by the new one
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*) FROM reproq_leaders")
+        assert cur.fetchone()[0] == 0  # both resigned
+
+
+# --------------------------------------------------------------------------- maintenance
+
+
+def _expired_run() -> str:
+    """A RUNNING run whose lease ran out an hour ago (its worker is gone): reclaim's work."""
+    run = tasks.add.using(dedup=False).enqueue(2, 3)
+    TaskRun.objects.filter(pk=run.id).update(
+        status="RUNNING", lease_owner="gone-worker", attempts=1,
+        leased_until=timezone.now() - timedelta(hours=1))
+    return str(run.id)
+
+
+def _hold_leadership_elsewhere(kind: str):
+    """Make someone else lead (a held leader lock, or a live lease row of another worker);
+    returns a function that gives it up."""
+    from reproq.runtime.peers import LEASE_NAME, lock_key_for_alias
+
+    if kind == "lease":
+        with connection.cursor() as cur:
+            cur.execute("INSERT INTO reproq_leaders (name, worker_id, elected_at, expires_at) "
+                        "VALUES (%s, 'elsewhere', now(), now() + interval '1 hour')",
+                        [LEASE_NAME])
+
+        def release():  # called in a worker thread: close the connection it opens there
+            try:
+                with connection.cursor() as cur:
+                    cur.execute("DELETE FROM reproq_leaders WHERE worker_id = 'elsewhere'")
+            finally:
+                connection.close()
+
+        return release
+    import psycopg
+
+    lock = psycopg.connect(db.conninfo(application_name="reproq-beat-elsewhere"),
+                           autocommit=True)
+    lock.execute("SELECT pg_advisory_lock(%s)", [lock_key_for_alias("default")])
+    return lock.close
+
+
+def test_a_standby_leaves_maintenance_to_the_leader_until_it_leads(leader):
+    run_id = _expired_run()
+    release = _hold_leadership_elsewhere(leader)
+
+    async def body(rt):
+        await asyncio.sleep(2.5)  # RECLAIM_SECONDS is 1 in the tests: two or three passes
+        standby = (rt.peer.is_leader, rt.reclaimer.passes, rt.reclaimer.skipped,
+                   rt.status()["maintenance"]["reason"],
+                   await TaskRun.objects.filter(pk=run_id).values_list("status", flat=True)
+                   .aget())
+        await asyncio.to_thread(release)
+        began = time.monotonic()
+        done = await wait_for(run_id, timeout=20)  # the new leader reclaims it, then runs it
+        return standby, done.raw_status, time.monotonic() - began, rt.reclaimer.passes
+
+    standby, status, took, passes = run_with_runtime(body, **BEAT_OVERRIDES)
+    assert standby == (False, 0, standby[2], "another process leads", "RUNNING")
+    assert standby[2] >= 2
+    assert status == "SUCCESSFUL" and passes >= 1
+    _report(f"maintenance_takeover_{leader}_seconds", round(took, 3))
+
+
+def test_without_a_leader_every_process_runs_maintenance_after_the_fallback():
+    """BEAT off everywhere: nobody competes. After 3 x LEADER_TIMEOUT_SECONDS without a live
+    leader (counted from the process's start) the runtime runs the sweeps itself."""
+    run_id = _expired_run()
+    timeout = 1.0
+    fallback = 3 * timeout
+
+    async def body(rt):
+        began = time.monotonic()
+        assert rt.peer is None and rt.status()["leader"]["is_leader"] is False
+        await asyncio.sleep(fallback / 2)
+        early = await TaskRun.objects.filter(pk=run_id).values_list("status", flat=True).aget()
+        reason = rt.status()["maintenance"]["reason"]
+        done = await wait_for(run_id, timeout=20)
+        return early, reason, done.raw_status, time.monotonic() - began, rt.status()
+
+    early, reason, status, took, final = run_with_runtime(
+        body, beat=False, leader_timeout_seconds=timeout, beat_interval_seconds=0.5)
+    assert (early, reason) == ("RUNNING", "waiting for a leader")
+    assert status == "SUCCESSFUL" and final["maintenance"]["reason"] == "fallback"
+    # reclaimed at the first pass past the fallback (RECLAIM_SECONDS = 1 in the tests)
+    assert fallback <= took <= fallback + 1 + 5, took
+    _report("maintenance_fallback_seconds", round(took, 3))

@@ -92,6 +92,28 @@ class Reclaimer:
             return await self.turn.mine(conn)
 
     async def run(self) -> None:
+        wake = anyio.Event()
+
+        def leadership(leading: bool) -> None:
+            if leading:  # a new leader does its first pass at once (leases may be waiting)
+                wake.set()
+
+        peer = self.turn.peer
+        unsubscribe = peer.subscribe(leadership) if peer is not None else None
+        try:
+            while True:
+                await self._pass()
+                pause = self.settings.reclaim_seconds
+                if self.prune_backlog:  # old finished runs left: the next pass comes sooner
+                    pause = min(pause, retention.CATCH_UP_SECONDS)
+                with anyio.move_on_after(pause):
+                    await wake.wait()
+                wake = anyio.Event()
+        finally:
+            if unsubscribe is not None:
+                unsubscribe()
+
+    async def _pass(self) -> None:
         while True:
             try:
                 if await self.mine():
@@ -105,10 +127,7 @@ class Reclaimer:
                 await self.outage.failed(exc)
                 continue
             self.outage.ok()
-            pause = self.settings.reclaim_seconds
-            if self.prune_backlog:  # old finished runs left: the next pass comes sooner
-                pause = min(pause, retention.CATCH_UP_SECONDS)
-            await anyio.sleep(pause)
+            return
 
     def status(self) -> dict[str, Any]:
         return {**self.turn.status(), "passes": self.passes, "left_to_leader": self.skipped,
