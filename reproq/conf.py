@@ -179,6 +179,9 @@ class RuntimeSettings:
     events_retention_seconds: float = 600.0
     finished_retention_seconds: float = 14 * 86400.0  # 0: keep finished runs forever
     beat: bool = True  # compete for beat leadership (cron schedules) in this process
+    # how leadership is held: "advisory" (session advisory lock on a dedicated connection) or
+    # "lease" (a row with an expiry in reproq_leaders: works through a transaction pooler)
+    leader: str = "advisory"
     beat_interval_seconds: float = 2.0
     leader_timeout_seconds: float = 15.0
     misfire_grace_seconds: float = 60.0
@@ -218,6 +221,7 @@ _RUNTIME_KINDS: dict[str, str] = {
     "events_retention_seconds": "posnum",
     "finished_retention_seconds": "nonnegnum",
     "beat": "bool",
+    "leader": "leader",
     "beat_interval_seconds": "posnum",
     "leader_timeout_seconds": "posnum",
     "misfire_grace_seconds": "posnum",
@@ -240,8 +244,10 @@ _HINTS = {
     "nonnegnum": "a number >= 0",
     "mode": '"direct" (reproq talks to PostgreSQL itself) or "pgbouncer" (through a '
             'transaction pooler)',
+    "leader": '"advisory" (a session advisory lock) or "lease" (a row lease, for PgBouncer)',
 }
 CONNECTION_MODES = ("direct", "pgbouncer")
+LEADER_KINDS = ("advisory", "lease")
 
 
 def _coerce_env(kind: str, text: str) -> Any:
@@ -285,6 +291,8 @@ def _valid(kind: str, value: Any) -> bool:
             return _is_number(value) and value >= 0
         case "mode":
             return value in CONNECTION_MODES
+        case "leader":
+            return value in LEADER_KINDS
     return False
 
 

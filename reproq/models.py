@@ -296,6 +296,22 @@ class ScheduleTick(models.Model):
                                                name="reproq_tick_once")]
 
 
+class Leader(models.Model):
+    """The leader lease of `reproq.runtime.peers.LeasePeer` (``LEADER = "lease"``): one row per
+    leadership name, held by `worker_id` until `expires_at` unless renewed."""
+
+    name = models.TextField(primary_key=True)
+    worker_id = models.CharField(max_length=64)
+    elected_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "reproq_leaders"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.worker_id} until {self.expires_at}"
+
+
 class Event(models.Model):
     """A state change, published for the live dashboard (SSE) by every process.
 

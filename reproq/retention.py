@@ -1,5 +1,6 @@
 """Deleting finished runs past their retention: the rule, for ``manage.py reproq prune`` (sync,
-Django's connection) and for the runtime's reclaim service (async, its pool).
+Django's connection) and for the reclaim service (async, its pool), which prunes in the leader
+only (or, when no leader exists for a while, everywhere: `reproq.runtime.peers.MaintenanceTurn`).
 
 A run is prunable when it is finished (SUCCESSFUL, FAILED, CANCELLED or EXPIRED) and its
 ``finished_at`` lies more than ``keep_seconds`` in the past; filters narrow that by state, queue

@@ -30,9 +30,9 @@ from reproq.conf import load_runtime_settings
 from reproq.models import PeriodicTask, ScheduleTick, TaskRun, Worker
 from reproq.recurring import CronSchedule, InvalidSchedule, plan
 from tests.beat_helpers import (
-    BEAT_ENV,
     BEAT_OVERRIDES,
     ago,
+    beat_env,
     beat_once,
     holder,
     make_schedule,
@@ -71,6 +71,22 @@ def servers(tmp_path):
     s = Servers(tmp_path)
     yield s
     s.close()
+
+
+@pytest.fixture(params=["advisory", "lease"])
+def leader(request, monkeypatch):
+    """Run the test with each peer (REPROQ_LEADER, also passed to children by `beat_env`)."""
+    from reproq import conf
+    from tests import pgbouncer
+
+    if request.param == "advisory" and pgbouncer.enabled():
+        pytest.skip("the advisory lock peer needs a direct connection (a session advisory lock "
+                    "and the options startup parameter); through PgBouncer LEADER is 'lease'")
+    monkeypatch.setenv("REPROQ_LEADER", request.param)
+    conf.reset_cache()
+    yield request.param
+    monkeypatch.delenv("REPROQ_LEADER")
+    conf.reset_cache()
 
 
 # --------------------------------------------------------------------------- cron semantics
@@ -226,12 +242,18 @@ def test_runtime_settings_for_the_beat_are_validated():
     rs, problems = load_runtime_settings(environ={"REPROQ_LEADER_TIMEOUT_SECONDS": "20",
                                                   "REPROQ_BEAT": "0"})
     assert not problems and rs.leader_timeout_seconds == 20.0 and rs.beat is False
+    rs, problems = load_runtime_settings({"leader": "zookeeper"})
+    [bad] = [p for p in problems if "LEADER" in p.setting]
+    assert "'zookeeper' is not valid" in bad.message and '"lease"' in bad.hint
+    rs, problems = load_runtime_settings(environ={"REPROQ_LEADER": "lease"})
+    assert rs.leader == "lease" and rs.sources["leader"] == "env REPROQ_LEADER"
+    assert load_runtime_settings(environ={})[0].leader in {"advisory", "lease"}
 
 
 # --------------------------------------------------------------------------- firing (one process)
 
 
-def test_due_tick_is_enqueued_once_with_its_schedule_and_statement_count():
+def test_due_tick_is_enqueued_once_with_its_schedule_and_statement_count(leader):
     # yearly: after the due fire the next one is far away, so exactly one tick each
     a = make_schedule("count-a", YEARLY, args=[1, 1])
     b = make_schedule("count-b", YEARLY, args=[2, 2], queue_name="emails", priority=7,
@@ -247,7 +269,7 @@ def test_due_tick_is_enqueued_once_with_its_schedule_and_statement_count():
     assert outcome.led and outcome.fired == 3
     # three due ticks: one poll (also the liveness check) and ONE fire statement for all three
     assert delta.get("BEAT_FIRE") == 1 and delta.get("BEAT_POLL") == 1, delta
-    _report("statements_three_ticks_once", delta)
+    _report(f"statements_three_ticks_once_{leader}", delta)
     for s in (a, b, c):
         [tick] = ticks(s)
         assert tick.scheduled_for == due and tick.run_id is not None
@@ -338,18 +360,26 @@ def test_overlap_policy_skip_and_allow():
     assert new.run_id is not None
 
 
-def test_two_beats_that_both_think_they_lead_enqueue_a_tick_once():
-    """No lock involved: two connections run the same FIRE at the same moment."""
-    from reproq.runtime.beat import BEAT_FIRE, Beat, StandaloneOwner
+def test_two_beats_that_both_think_they_lead_enqueue_a_tick_once(leader):
+    """No lock, no lease fence involved: two connections of the kind each peer leads on (the
+    advisory peer's dedicated lock connection, the lease peer's pool connection) run the same
+    FIRE at the same moment. Only the unique tick row keeps the tick single."""
+    from reproq.runtime.beat import BEAT_FIRE, standalone
     from reproq.runtime.runtime import build_settings
 
     s = make_schedule("split-brain", "* * * * * *")
     due = timezone.now().replace(microsecond=0)
     set_next(s, due)
-    beats = [Beat(StandaloneOwner(build_settings(BEAT_OVERRIDES), f"brain-{i}")) for i in (1, 2)]
+    beats = [standalone(build_settings(BEAT_OVERRIDES), f"brain-{i}") for i in (1, 2)]
+    assert {b.peer.kind for b in beats} == {leader}
+
+    async def connect(beat):
+        if leader == "advisory":
+            return await beat.peer._connect()
+        return await db.connect(application_name=f"reproq-{beat.worker_id}")
 
     async def main():
-        conns = [await b._connect() for b in beats]
+        conns = [await connect(b) for b in beats]
         try:
             d = beats[0]._due({"id": s.pk, "name": s.name, "cron_expr": s.cron_expr,
                                "timezone": s.timezone, "task_path": s.task_path,
@@ -574,10 +604,10 @@ def test_admin_validates_and_runs_now(client):
 # --------------------------------------------------------------------------- runtimes
 
 
-def test_runtime_leads_shows_it_and_releases_the_lock_on_shutdown():
+def test_runtime_leads_shows_it_and_releases_leadership_on_shutdown(leader):
     async def body(rt):
         for _ in range(200):
-            if rt.beat.is_leader:
+            if rt.peer.is_leader:
                 break
             await asyncio.sleep(0.05)
         status = rt.status()["leader"]
@@ -586,8 +616,13 @@ def test_runtime_leads_shows_it_and_releases_the_lock_on_shutdown():
 
     status, since, lock = run_with_runtime(body, **BEAT_OVERRIDES)
     assert status["is_leader"] and status["role"] == "leader" and status["since"]
+    assert status["kind"] == leader
     assert since is not None and since.isoformat() == status["since"]
-    assert lock["pid"] == status["lock_backend_pid"] and lock["worker_id"] == status["worker_id"]
+    assert lock["worker_id"] == status["worker_id"]
+    if leader == "advisory":
+        assert lock["pid"] == status["lock_backend_pid"]
+    else:
+        assert status["lease_expires_at"]
     assert holder() is None  # released at shutdown
     assert not Worker.objects.exists()
     assert recurring.current_leader() is None
@@ -617,11 +652,11 @@ def test_overlap_skip_with_a_long_running_task():
     assert len(runs_of(s)) + len(skipped) == len(ticks(s))
 
 
-def test_once_from_two_processes_at_the_same_time():
+def test_once_from_two_processes_at_the_same_time(leader):
     s = make_schedule("crontab", "* * * * * *")
     start = ago(4).replace(microsecond=0)
     set_next(s, start)
-    env = child_env("t", {**BEAT_ENV, "REPROQ_AUTOSTART": "0"})
+    env = child_env("t", {**beat_env(), "REPROQ_AUTOSTART": "0"})
     procs = [subprocess.Popen([sys.executable, "-m", "django", "reproq", *argv], cwd=REPO_ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
@@ -643,9 +678,9 @@ def test_once_from_two_processes_at_the_same_time():
     assert holder() is None and not Worker.objects.exists()
 
 
-def test_standalone_beat_command_leads_and_once_defers_to_it(servers):
+def test_standalone_beat_command_leads_and_once_defers_to_it(servers, leader):
     s = make_schedule("standalone", "* * * * * *")
-    env = {**BEAT_ENV, "REPROQ_AUTOSTART": "0"}
+    env = {**beat_env(), "REPROQ_AUTOSTART": "0"}
     beat = servers.command("beat", ["django", "reproq", "beat", "--worker-id", "the-beat"], env)
     lead, _ = wait_holder(timeout=30)
     assert lead["worker_id"] == "the-beat"
@@ -654,8 +689,10 @@ def test_standalone_beat_command_leads_and_once_defers_to_it(servers):
     done = subprocess.run([sys.executable, "-m", "django", "reproq", "schedule"], cwd=REPO_ROOT,
                           env=child_env("t", env), capture_output=True, text=True, timeout=60,
                           check=False)
-    assert done.returncode == 0 and "reproq-beat-the-beat" in done.stdout, done
-    assert "holds the beat leader lock" in done.stdout
+    assert done.returncode == 0 and "the-beat" in done.stdout, done
+    assert f"holds the beat leader {'lock' if leader == 'advisory' else 'lease'}" in done.stdout
+    if leader == "advisory":
+        assert "reproq-beat-the-beat" in done.stdout
     beat.signal(signal.SIGTERM)
     assert beat.wait_exit(15) == 0
     assert holder() is None and not Worker.objects.filter(pk="the-beat").exists()
@@ -664,17 +701,20 @@ def test_standalone_beat_command_leads_and_once_defers_to_it(servers):
     assert len(runs_of(s)) == len(got)
 
 
-def test_three_runtimes_failover_every_tick_once(servers):
+def test_three_runtimes_failover_every_tick_once(servers, leader):
     """Three worker processes, one leader; every ~18 s the leader is SIGKILLed, loses its lock
-    connection to pg_terminate_backend, or hangs (SIGSTOP). Over 100+ seconds-resolution ticks
-    every tick is enqueued exactly once; a standby takes over within LEADER_TIMEOUT_SECONDS
-    (3 s) - a hung leader's session is ended by the server's idle_session_timeout, and once
-    resumed it gives up leadership by its local trust deadline."""
-    bound = float(BEAT_ENV["REPROQ_LEADER_TIMEOUT_SECONDS"])
-    interval = float(BEAT_ENV["REPROQ_BEAT_INTERVAL_SECONDS"])
+    connection to pg_terminate_backend (advisory only: the lease has no connection of its
+    own), or hangs (SIGSTOP). Over 100+ seconds-resolution ticks every tick is enqueued exactly
+    once. Advisory: a standby takes over within LEADER_TIMEOUT_SECONDS (3 s) - a hung leader's
+    session is ended by the server's idle_session_timeout. Lease: a dead or hung leader's lease
+    runs out after LEADER_TIMEOUT_SECONDS, a standby takes it at its next try. Once resumed, a
+    hung leader gives up leadership by its local trust deadline."""
+    env = beat_env()
+    bound = float(env["REPROQ_LEADER_TIMEOUT_SECONDS"])
+    interval = float(env["REPROQ_BEAT_INTERVAL_SECONDS"])
     s = make_schedule("every-second", "* * * * * *", args=[1, 1])
     first_fire = s.next_run_at
-    children = [servers.command(f"worker{i}", ["django", "reproq", "worker"], BEAT_ENV)
+    children = [servers.command(f"worker{i}", ["django", "reproq", "worker"], env)
                 for i in range(3)]
     by_worker = {}
 
@@ -697,10 +737,13 @@ def test_three_runtimes_failover_every_tick_once(servers):
     with connection.cursor() as cur:
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                     "AND application_name LIKE 'reproq-beat-%%'")
-        assert cur.fetchone()[0] == 3  # one leader, two standbys polling the lock
+        # advisory: one leader, two standbys polling the lock; lease: no connection of its own
+        assert cur.fetchone()[0] == (3 if leader == "advisory" else 0)
 
     failovers = []
-    kinds = ["SIGKILL", "pg_terminate_backend", "SIGSTOP", "SIGKILL", "pg_terminate_backend"]
+    kinds = (["SIGKILL", "pg_terminate_backend", "SIGSTOP", "SIGKILL", "pg_terminate_backend"]
+             if leader == "advisory" else ["SIGKILL", "SIGSTOP", "SIGKILL", "SIGSTOP"])
+    kinds_tried = list(kinds)
     next_kill = time.monotonic() + 12
     deadline = time.monotonic() + 150
     while ScheduleTick.objects.filter(schedule=s).count() < 102:
@@ -714,7 +757,7 @@ def test_three_runtimes_failover_every_tick_once(servers):
             else:
                 with connection.cursor() as cur:
                     cur.execute("SELECT pg_terminate_backend(%s)", [lead["pid"]])
-            new, took = wait_holder(other_than=lead["pid"], timeout=bound + 10)
+            new, took = wait_holder(other_than=lead["token"], timeout=bound + 10)
             assert new["worker_id"] != lead["worker_id"], (kind, lead, new)
             failovers.append({"kind": kind, "seconds": round(took, 3),
                               "from": lead["worker_id"], "to": new["worker_id"]})
@@ -722,14 +765,14 @@ def test_three_runtimes_failover_every_tick_once(servers):
                 old_child.proc.wait(timeout=10)
                 old_child.stopped = True
                 children.append(servers.command(f"worker{len(children)}",
-                                                ["django", "reproq", "worker"], BEAT_ENV))
+                                                ["django", "reproq", "worker"], env))
             if kind == "SIGSTOP":
                 os.kill(old_child.pid, signal.SIGCONT)  # wakes up past its trust deadline
                 log = old_child.log_path
                 wait_until(lambda log=log: "gave up beat leadership" in log.read_text(),
                            timeout=10, what="the resumed leader to step down",
                            describe=old_child.log_tail)
-                assert holder()["pid"] == new["pid"]
+                assert holder()["token"] == new["token"]
             wait_until(one_leader, timeout=5, what="one leader after failover",
                        describe=servers.logs)
             next_kill = time.monotonic() + 18
@@ -746,14 +789,146 @@ def test_three_runtimes_failover_every_tick_once(servers):
     labels = [r.metadata["scheduled_for"] for r in runs]
     assert sorted(labels) == [g.isoformat() for g in got]  # one run per tick, none doubled
     assert sorted(r.pk for r in runs) == sorted(t.run_id for t in ticks(s))
-    assert {f["kind"] for f in failovers} == {"SIGKILL", "pg_terminate_backend", "SIGSTOP"}
-    # a dead process or a killed backend: within one standby interval; a hung leader: within
-    # LEADER_TIMEOUT (the server ends its idle session) plus one standby interval
-    # (+1 s of slack for the hung case on a loaded machine: measured 3.01 s)
-    assert all(f["seconds"] <= (bound + interval + 1 if f["kind"] == "SIGSTOP" else bound)
-               for f in failovers), failovers
-    _report("failovers", failovers)
-    _report("ticks_checked", len(got))
-    for kind in ("SIGKILL", "pg_terminate_backend", "SIGSTOP"):
+    assert {f["kind"] for f in failovers} == set(kinds_tried)
+    # advisory: a dead process or a killed backend within one standby interval; a hung leader
+    # within LEADER_TIMEOUT (the server ends its idle session) plus one standby interval.
+    # lease: dead or hung, the lease runs out: LEADER_TIMEOUT plus one standby interval.
+    # (+1 s of slack for the timeout cases on a loaded machine: measured 3.01 s)
+    for f in failovers:
+        slow = f["kind"] == "SIGSTOP" or leader == "lease"
+        assert f["seconds"] <= (bound + interval + 1 if slow else bound), failovers
+    _report(f"failovers_{leader}", failovers)
+    _report(f"ticks_checked_{leader}", len(got))
+    for kind in set(kinds_tried):
         times = [f["seconds"] for f in failovers if f["kind"] == kind]
-        _report(f"failover_{kind}_max_seconds", max(times))
+        _report(f"failover_{leader}_{kind}_max_seconds", max(times))
+
+
+# --------------------------------------------------------------------------- the lease's fence
+
+
+def test_a_stale_lease_leader_cannot_commit_through_its_fence():
+    """A leader whose lease was taken over while it still trusts itself (a pause shorter than
+    its trust deadline, a clock jump): its `leading()` block raises NotLeader and nothing it
+    wrote there commits; the new leader's block works."""
+    from reproq.runtime.beat import standalone
+    from reproq.runtime.ports import NotLeader
+    from reproq.runtime.runtime import build_settings
+
+    s = make_schedule("fenced", YEARLY)
+    rs = build_settings({**BEAT_OVERRIDES, "leader": "lease"})
+    old, new = (standalone(rs, f"fence-{i}").peer for i in (1, 2))
+
+    async def main():
+        async with old.once() as led:
+            assert led and old.is_leader
+            async with old.leading() as conn:  # while the lease is ours, writes commit
+                await conn.execute("UPDATE reproq_periodic_tasks SET priority = 1 "
+                                   "WHERE id = %s", [s.pk])
+            async with await db.connect() as other:  # the lease runs out; another takes it
+                await other.execute("UPDATE reproq_leaders SET expires_at = now() - "
+                                    "interval '1 second'")
+            async with new.once() as took:
+                assert took and old.is_leader  # the old leader's local trust has not run out
+                with pytest.raises(NotLeader):
+                    async with old.leading() as conn:
+                        await conn.execute("UPDATE reproq_periodic_tasks SET priority = 2 "
+                                           "WHERE id = %s", [s.pk])
+                assert not old.is_leader  # the failed fence ended its belief at once
+                async with new.leading() as conn:
+                    await conn.execute("UPDATE reproq_periodic_tasks SET priority = 3 "
+                                       "WHERE id = %s AND priority = 1", [s.pk])
+        await db.close_pools()
+
+    asyncio.run(main())
+    s.refresh_from_db()
+    assert s.priority == 3  # 1 by the old leader while leading, never 2, then 3 by the new one
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*) FROM reproq_leaders")
+        assert cur.fetchone()[0] == 0  # both resigned
+
+
+# --------------------------------------------------------------------------- maintenance
+
+
+def _expired_run() -> str:
+    """A RUNNING run whose lease ran out an hour ago (its worker is gone): reclaim's work."""
+    run = tasks.add.using(dedup=False).enqueue(2, 3)
+    TaskRun.objects.filter(pk=run.id).update(
+        status="RUNNING", lease_owner="gone-worker", attempts=1,
+        leased_until=timezone.now() - timedelta(hours=1))
+    return str(run.id)
+
+
+def _hold_leadership_elsewhere(kind: str):
+    """Make someone else lead (a held leader lock, or a live lease row of another worker);
+    returns a function that gives it up."""
+    from reproq.runtime.peers import LEASE_NAME, lock_key_for_alias
+
+    if kind == "lease":
+        with connection.cursor() as cur:
+            cur.execute("INSERT INTO reproq_leaders (name, worker_id, elected_at, expires_at) "
+                        "VALUES (%s, 'elsewhere', now(), now() + interval '1 hour')",
+                        [LEASE_NAME])
+
+        def release():  # called in a worker thread: close the connection it opens there
+            try:
+                with connection.cursor() as cur:
+                    cur.execute("DELETE FROM reproq_leaders WHERE worker_id = 'elsewhere'")
+            finally:
+                connection.close()
+
+        return release
+    import psycopg
+
+    lock = psycopg.connect(db.conninfo(application_name="reproq-beat-elsewhere"),
+                           autocommit=True)
+    lock.execute("SELECT pg_advisory_lock(%s)", [lock_key_for_alias("default")])
+    return lock.close
+
+
+def test_a_standby_leaves_maintenance_to_the_leader_until_it_leads(leader):
+    run_id = _expired_run()
+    release = _hold_leadership_elsewhere(leader)
+
+    async def body(rt):
+        await asyncio.sleep(2.5)  # RECLAIM_SECONDS is 1 in the tests: two or three passes
+        standby = (rt.peer.is_leader, rt.reclaimer.passes, rt.reclaimer.skipped,
+                   rt.status()["maintenance"]["reason"],
+                   await TaskRun.objects.filter(pk=run_id).values_list("status", flat=True)
+                   .aget())
+        await asyncio.to_thread(release)
+        began = time.monotonic()
+        done = await wait_for(run_id, timeout=20)  # the new leader reclaims it, then runs it
+        return standby, done.raw_status, time.monotonic() - began, rt.reclaimer.passes
+
+    standby, status, took, passes = run_with_runtime(body, **BEAT_OVERRIDES)
+    assert standby == (False, 0, standby[2], "another process leads", "RUNNING")
+    assert standby[2] >= 2
+    assert status == "SUCCESSFUL" and passes >= 1
+    _report(f"maintenance_takeover_{leader}_seconds", round(took, 3))
+
+
+def test_without_a_leader_every_process_runs_maintenance_after_the_fallback():
+    """BEAT off everywhere: nobody competes. After 3 x LEADER_TIMEOUT_SECONDS without a live
+    leader (counted from the process's start) the runtime runs the sweeps itself."""
+    run_id = _expired_run()
+    timeout = 1.0
+    fallback = 3 * timeout
+
+    async def body(rt):
+        began = time.monotonic()
+        assert rt.peer is None and rt.status()["leader"]["is_leader"] is False
+        await asyncio.sleep(fallback / 2)
+        early = await TaskRun.objects.filter(pk=run_id).values_list("status", flat=True).aget()
+        reason = rt.status()["maintenance"]["reason"]
+        done = await wait_for(run_id, timeout=20)
+        return early, reason, done.raw_status, time.monotonic() - began, rt.status()
+
+    early, reason, status, took, final = run_with_runtime(
+        body, beat=False, leader_timeout_seconds=timeout, beat_interval_seconds=0.5)
+    assert (early, reason) == ("RUNNING", "waiting for a leader")
+    assert status == "SUCCESSFUL" and final["maintenance"]["reason"] == "fallback"
+    # reclaimed at the first pass past the fallback (RECLAIM_SECONDS = 1 in the tests)
+    assert fallback <= took <= fallback + 1 + 5, took
+    _report("maintenance_fallback_seconds", round(took, 3))

@@ -129,11 +129,11 @@ def plan_jobs(connection: Any, cron_tz: str) -> tuple[list[Job], list[str]]:
 
     from ..conf import aging_factor_us, current_runtime_settings
     from ..models import PeriodicTask
-    from ..runtime.beat import Beat, StandaloneOwner
+    from ..runtime.beat import RunOptions
 
     rs = current_runtime_settings()
-    beat = Beat(StandaloneOwner(rs, "pg-cron"))
     backend = task_backends[rs.backend]
+    run_options = RunOptions(backend)
     opts = backend.reproq_options
     jobs: list[Job] = []
     left: list[str] = []
@@ -147,7 +147,7 @@ def plan_jobs(connection: Any, cron_tz: str) -> tuple[list[Job], list[str]]:
             left.append(f"{p.name}: its time zone {p.timezone!r} is not pg_cron's "
                         f"cron.timezone {cron_tz!r}")
             continue
-        max_attempts, timeout, expires, key, limit = beat.run_options({
+        max_attempts, timeout, expires, key, limit = run_options({
             "task_path": p.task_path, "max_attempts": p.max_attempts, "args": p.args,
             "kwargs": p.kwargs, "name": p.name})
         command = connection.ops.compose_sql(FIRE_THIS_MINUTE, {

@@ -1,91 +1,57 @@
-"""The beat: enqueues due cron ticks, only in the process that holds the leader advisory lock.
+"""The beat: enqueues due cron ticks, only while this process leads (`reproq.runtime.peers`).
 
 Leadership
-    Every process with ``BEAT`` on keeps one dedicated, non-pooled connection (a session
-    advisory lock on a pooled connection would outlive its user). Standbys try
-    ``pg_try_advisory_lock(key)`` every ``BEAT_INTERVAL_SECONDS``; the key is fixed and derived
-    from the database name. The leader acquires once and then proves the connection alive every
-    interval with its poll statement, bounded by a timeout. It trusts its leadership only until
-    a local deadline (``LEADER_TIMEOUT_SECONDS`` after the last successful check was *sent*) and
-    gives it up on any doubt - a failed or slow check, a passed deadline - by closing the
-    connection. The server enforces the same bound from its side: the connection runs with
-    ``idle_session_timeout = LEADER_TIMEOUT_SECONDS`` (and half that as statement_timeout), so a
-    hung or partitioned leader's session, and with it the lock, ends within the timeout. A dead
-    process or a killed backend releases the lock at once; a standby takes it at its next try.
-    Shutdown releases the lock explicitly.
+    The beat subscribes to the process's `Peer` (``REPROQ_RUNTIME["LEADER"]``: a session
+    advisory lock or a row lease, see `reproq.runtime.peers` for how each is held and its
+    failover bounds). While ``peer.is_leader`` it wakes at the next due fire or every
+    ``BEAT_INTERVAL_SECONDS`` (to see new and changed schedules), and runs each cycle inside
+    ``peer.leading()``: on the lock connection (advisory: its statements only execute while that
+    session holds the lock) or in a transaction fenced by the lease (lease: they only commit
+    while the lease is ours). It checks ``peer.is_leader`` again before every FIRE.
 
 Exactly once
-    Every statement that enqueues runs *on the lock connection*, so it can only execute while
-    that session holds the lock. Independently of the lock, each tick is one statement
-    (`BEAT_FIRE`): a compare-and-set on the schedule's next_run_at, the (schedule,
-    scheduled_for) row in ``reproq_schedule_ticks`` (unique, ON CONFLICT DO NOTHING) and the
-    task run, inserted only if the tick row was - so even two processes that both believe they
-    lead cannot enqueue one tick twice.
+    Independently of leadership, each tick is one statement (`BEAT_FIRE`): a compare-and-set on
+    the schedule's next_run_at, the (schedule, scheduled_for) row in ``reproq_schedule_ticks``
+    (unique, ON CONFLICT DO NOTHING) and the task run, inserted only if the tick row was - so
+    even two processes that both believe they lead cannot enqueue one tick twice.
 
-Statements: `BEAT_POLL` once per wake-up (liveness check + worker row + due schedules + next due
-time) and `BEAT_FIRE` once per batch of due ticks (one tick per schedule per batch): one
-statement per tick when one schedule is due.
+Statements: `BEAT_POLL` once per wake-up (due schedules + next due time) and `BEAT_FIRE` once
+per batch of due ticks (one tick per schedule per batch): one statement per tick when one
+schedule is due. The peer adds its own check once per interval (and the lease peer one
+`LEASE_FENCE` per cycle).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
 
 from .. import db, sql
 from ..recurring import CronSchedule, InvalidSchedule, Plan, plan
+from .ports import NotLeader
 
 if TYPE_CHECKING:
     from ..backend import ReproqBackend
     from ..conf import RuntimeSettings
+    from .peers import ElectedPeer
 
 logger = logging.getLogger("reproq.beat")
 
 POLL_LIMIT = 500
 BROKEN_RETRY_SECONDS = 60.0
 MAX_FIRES_PER_CYCLE = 1000
+_DB_ERRORS = (psycopg.Error, OSError, TimeoutError)
 
-TRY_LOCK = "SELECT pg_try_advisory_lock(%(key)s::bigint) AS locked"
-
-# Became leader: register (or refresh) this worker's row with leader_since = now and clear the
-# flag on every other row (their holder lost the lock, or they would still hold it).
-MARK_LEADER = """
-WITH me AS (
-    INSERT INTO reproq_workers (id, hostname, pid, queues, concurrency, server, version,
-                                started_at, last_seen_at, leader_since)
-    VALUES (%(worker)s, %(hostname)s, %(pid)s, %(queues)s::jsonb, %(concurrency)s, %(server)s,
-            %(version)s, %(started_at)s, now(), now())
-    ON CONFLICT (id) DO UPDATE SET leader_since = now(), last_seen_at = now()
-    RETURNING leader_since
-), deposed AS (
-    UPDATE reproq_workers SET leader_since = NULL
-    WHERE id <> %(worker)s AND leader_since IS NOT NULL
-    RETURNING id
-)
-SELECT (SELECT leader_since FROM me) AS leader_since, (SELECT count(*) FROM deposed) AS deposed,
-       pg_backend_pid() AS backend_pid
-"""
-
-# The leader's liveness check, once per wake-up: keeps the worker row (and its leader_since)
-# current, returns the due schedules (LEFT JOIN: always at least one row) and the next due time.
+# The leader's look at the schedules, once per wake-up: the due ones (LEFT JOIN: always at
+# least one row, carrying the database's now and the next due time).
 BEAT_POLL = """
-WITH me AS (
-    INSERT INTO reproq_workers (id, hostname, pid, queues, concurrency, server, version,
-                                started_at, last_seen_at, leader_since)
-    VALUES (%(worker)s, %(hostname)s, %(pid)s, %(queues)s::jsonb, %(concurrency)s, %(server)s,
-            %(version)s, %(started_at)s, now(), %(leader_since)s)
-    ON CONFLICT (id) DO UPDATE SET last_seen_at = now(), leader_since = EXCLUDED.leader_since
-    RETURNING id
-), due AS (
+WITH due AS (
     SELECT id, name, cron_expr, timezone, task_path, args, kwargs, max_attempts,
            misfire_policy, next_run_at
     FROM reproq_periodic_tasks
@@ -181,78 +147,57 @@ LEFT JOIN moved m ON m.id = i.schedule_id
 LEFT JOIN tick t ON t.schedule_id = i.schedule_id
 """
 
-# Leaving leadership (shutdown) or clearing a stale flag after a reconnect.
-RESIGN = """
-WITH me AS (
-    UPDATE reproq_workers SET leader_since = NULL
-    WHERE id = %(worker)s AND leader_since IS NOT NULL
-    RETURNING id
-)
-SELECT CASE WHEN %(unlock)s THEN pg_advisory_unlock(%(key)s::bigint) END AS unlocked,
-       (SELECT count(*) FROM me) AS cleared
-"""
-
-# Who holds the leader lock now (pg_locks splits a bigint key into classid/objid, objsubid 1).
-LOCK_HOLDER = """
-SELECT l.pid, a.application_name, a.backend_start
-FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid = %(hi)s::bigint::oid AND l.objid = %(lo)s::bigint::oid
-"""
-
 # Name the statements for `reproq.db.statement_counts` (the names live in `reproq.sql`).
-for _name in ("TRY_LOCK", "MARK_LEADER", "BEAT_POLL", "BEAT_FIRE", "RESIGN", "LOCK_HOLDER"):
+for _name in ("BEAT_POLL", "BEAT_FIRE"):
     sql._NAMES[id(globals()[_name])] = _name
 
 
-def lock_key(database_name: str) -> int:
-    """The leader lock's key: a fixed signed 64-bit number derived from the database name."""
-    digest = hashlib.sha256(f"reproq.beat:{database_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+class RunOptions:
+    """(max_attempts, timeout, expires_in, concurrency_key, concurrency_limit) of a scheduled
+    run, from the task's options like an enqueue (the beat's ticks and pg_cron's jobs)."""
 
+    def __init__(self, backend: ReproqBackend) -> None:
+        self.backend = backend
+        self._task_cache: dict[str, Any] = {}
 
-def lock_key_parts(key: int) -> dict[str, int]:
-    """The key as pg_locks shows it: classid (high 32 bits) and objid (low 32 bits)."""
-    return {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF}
+    def __call__(self, row: dict[str, Any]) -> tuple[int, int, float | None, str | None,
+                                                     int | None]:
+        """A task that no longer imports gets the backend's defaults (its run then fails with
+        a readable error in the worker)."""
+        from django.utils.module_loading import import_string
 
+        from .. import payload
+        from ..concurrency import rule_for
+        from ..results import ReproqTask
 
-def lock_key_for_alias(alias: str) -> int:
-    from django.db import connections
-
-    return lock_key(str(connections[alias].settings_dict["NAME"]))
-
-
-class LeadershipLost(Exception):
-    """Leadership is in doubt: the trust deadline passed or the connection misbehaved."""
-
-
-class BeatOwner(Protocol):
-    """What the beat needs from its host (the `Runtime`, or `StandaloneOwner`)."""
-
-    settings: RuntimeSettings
-    backend: ReproqBackend
-    worker_id: str
-
-    def worker_row(self) -> dict[str, Any]: ...
-
-
-class StandaloneOwner:
-    """The host of ``manage.py reproq beat``: settings, backend and a worker identity."""
-
-    def __init__(self, settings: RuntimeSettings, worker_id: str = "") -> None:
-        from django.tasks import task_backends
-
-        from .registry import WorkerIdentity, make_worker_id
-
-        self.settings = settings
-        self.backend = task_backends[settings.backend]
-        self.worker_id = make_worker_id(worker_id)
-        self.identity = WorkerIdentity(worker_id=self.worker_id, queues=(), concurrency=0,
-                                       server="beat")
-
-    def worker_row(self) -> dict[str, Any]:
-        return self.identity.row()
+        opts = self.backend.reproq_options
+        path = row["task_path"]
+        if path not in self._task_cache:
+            try:
+                self._task_cache[path] = import_string(path)
+            except Exception:
+                self._task_cache[path] = None
+        task = self._task_cache[path]
+        max_attempts, timeout, expires = opts.max_attempts, opts.timeout_seconds, opts.expires_in
+        if isinstance(task, ReproqTask):
+            max_attempts = task.max_attempts or max_attempts
+            timeout = task.timeout_seconds or timeout
+            expires = task.expires_in or expires
+        max_attempts = row["max_attempts"] or max_attempts
+        key: str | None = None
+        limit: int | None = None
+        rule = rule_for(path)
+        if rule is not None:
+            limit = rule.limit
+            try:
+                args = payload.decode(row["args"], None)
+                kwargs = payload.decode(row["kwargs"], None)
+                key = rule.resolve_key(args, kwargs)
+            except Exception as exc:
+                key = f"schedule:{row['name']}"
+                logger.warning("reproq: the concurrency key of schedule %r could not be "
+                               "computed (%s); using %r", row["name"], exc, key)
+        return (max_attempts, timeout, expires.total_seconds() if expires else None, key, limit)
 
 
 @dataclass
@@ -276,219 +221,107 @@ class _Due:
 
 
 class Beat:
-    """The beat service of one process (see the module docstring)."""
+    """The beat service of one process (see the module docstring): fires while `peer` leads."""
 
-    def __init__(self, owner: BeatOwner, *, standalone: bool = False) -> None:
-        self.owner = owner
-        self.settings = owner.settings
-        self.standalone = standalone
-        self.database = owner.backend.database
-        self.key = lock_key_for_alias(self.database)
+    name = "beat"
+
+    def __init__(self, settings: RuntimeSettings, backend: ReproqBackend, worker_id: str,
+                 peer: ElectedPeer) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.worker_id = worker_id
+        self.peer = peer
+        self.run_options = RunOptions(backend)
         self.role = "stopped"
-        self.is_leader = False
-        self.leader_since: datetime | None = None
-        self.backend_pid: int | None = None
-        self.leaderships = 0
         self.ticks = 0  # runs enqueued by this process
         self.skipped = 0  # ticks recorded without a run (overlap) and fires skipped (misfire)
-        self.last_check: float | None = None
-        self.lost_reason = ""
-        self._trust_until = 0.0
         self._stopping = False
-        self._stop: anyio.Event | None = None
+        self._wake: anyio.Event | None = None
         self._exited: anyio.Event | None = None
-        self._conn: psycopg.AsyncConnection | None = None
         self._broken: dict[int, float] = {}
-        self._task_cache: dict[str, Any] = {}
 
-    # ------------------------------------------------------------------ settings
     @property
     def interval(self) -> float:
         return self.settings.beat_interval_seconds
 
     @property
-    def timeout(self) -> float:
-        return self.settings.leader_timeout_seconds
+    def statement_timeout(self) -> float:
+        """Bound on one POLL or FIRE statement."""
+        return max(self.settings.leader_timeout_seconds / 3, 0.2)
 
-    @property
-    def check_timeout(self) -> float:
-        """Bound on one liveness check (and on one FIRE statement)."""
-        return max(self.timeout / 3, 0.2)
-
-    # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
-        return {
-            "enabled": self.settings.beat, "role": self.role, "is_leader": self.is_leader,
-            "worker_id": self.owner.worker_id,
-            "since": self.leader_since.isoformat() if self.leader_since else None,
-            "lock_backend_pid": self.backend_pid if self.is_leader else None,
-            "leaderships": self.leaderships, "ticks_enqueued": self.ticks,
-            "ticks_skipped": self.skipped,
-            "last_check_age": (round(time.monotonic() - self.last_check, 3)
-                               if self.last_check is not None and self.is_leader else None),
-            "lost_reason": self.lost_reason,
-        }
-
-    # ------------------------------------------------------------------ connection
-    async def _connect(self) -> psycopg.AsyncConnection:
-        from django.db import connections
-
-        timeout = self.timeout
-        base = str(connections[self.database].get_connection_params().get("options") or "")
-        options = (f"{base} -c idle_session_timeout={int(timeout * 1000)} "
-                   f"-c statement_timeout={int(timeout * 500)}").strip()
-        with anyio.fail_after(timeout):
-            conn = await db.connect(
-                self.database, application_name=f"reproq-beat-{self.owner.worker_id}"[:63],
-                options=options, connect_timeout=max(2, int(timeout / 3)), keepalives=1,
-                keepalives_idle=max(1, int(timeout / 3)), keepalives_interval=1,
-                keepalives_count=3)
-        self.backend_pid = conn.info.backend_pid
-        return conn
-
-    async def _close(self, conn: psycopg.AsyncConnection) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
-                contextlib.suppress(Exception):
-            await conn.close()
-
-    async def _execute(self, conn: psycopg.AsyncConnection, query: str,
-                       params: dict[str, Any]) -> list[dict[str, Any]]:
-        with anyio.fail_after(self.check_timeout):
-            cur = await conn.execute(query, params)
-            return await cur.fetchall()
-
-    async def _sleep(self, seconds: float) -> None:
-        if seconds <= 0 or self._stop is None:
-            return
-        with anyio.move_on_after(seconds):
-            await self._stop.wait()
+        """The peer's leadership and what this process's beat did."""
+        return {**self.peer.status(), "beat": self.role, "ticks_enqueued": self.ticks,
+                "ticks_skipped": self.skipped}
 
     # ------------------------------------------------------------------ service
     async def run(self) -> None:
-        """Compete for leadership until `shutdown()`; lead while holding the lock."""
-        self._stop, self._exited = anyio.Event(), anyio.Event()
+        """Fire due ticks whenever the peer leads, until `stop()`."""
+        self._wake, self._exited = anyio.Event(), anyio.Event()
         if self._stopping:
-            self._stop.set()
-        delay = self.interval
+            self._wake.set()
+        unsubscribe = self.peer.subscribe(lambda _leading: self._poke())
         try:
             while not self._stopping:
-                self.role = "connecting"
-                try:
-                    conn = await self._connect()
-                except (psycopg.Error, OSError, TimeoutError) as exc:
-                    logger.warning("reproq: beat connection failed (%s: %s); retrying in %.1fs",
-                                   type(exc).__name__, exc, delay)
-                    await self._sleep(delay)
-                    delay = min(delay * 2, 30.0)
+                if not self.peer.is_leader:
+                    self.role = "standby"
+                    await self._sleep(self.interval)
                     continue
-                delay = self.interval
-                self._conn = conn
-                was_leader = False
+                self.role = "leading"
                 try:
-                    was_leader = await self._compete(conn)
-                except (psycopg.Error, OSError, TimeoutError, LeadershipLost) as exc:
-                    was_leader = self.is_leader
-                    self._lose(f"{type(exc).__name__}: {exc}".strip())
-                finally:
-                    self._conn = None
-                    await self._close(conn)
-                    if self.is_leader:
-                        self._lose("stopped")
-                if not self._stopping:
-                    # A process that just lost leadership waits longer than a standby does, so
-                    # that a healthy standby, not a flapping leader, takes over.
-                    await self._sleep(2 * self.interval if was_leader else self.interval)
+                    async with self.peer.leading() as conn:
+                        wait = await self._cycle(conn)
+                except NotLeader:
+                    wait = self.interval
+                except _DB_ERRORS as exc:
+                    logger.warning("reproq: beat cycle failed (%s)", db.describe(exc))
+                    wait = self.interval
+                await self._sleep(min(wait, self.interval))
         finally:
+            unsubscribe()
             self.role = "stopped"
             self._exited.set()
 
-    async def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop competing; a leader releases the lock and clears its leader_since."""
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop firing; returns once `run` has returned (at most `timeout` seconds)."""
         self._stopping = True
-        if self._stop is not None:
-            self._stop.set()
-        if self._exited is not None and self._stop is not None:
+        self._poke()
+        if self._exited is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
                 await self._exited.wait()
 
-    async def _compete(self, conn: psycopg.AsyncConnection) -> bool:
-        """Standby loop on one connection; returns True if it led (then stopped)."""
-        self.role = "standby"
-        await self._execute(conn, RESIGN, {"worker": self.owner.worker_id, "unlock": False,
-                                           "key": self.key})
-        while not self._stopping:
-            rows = await self._execute(conn, TRY_LOCK, {"key": self.key})
-            if rows[0]["locked"]:
-                await self._lead(conn)
-                return True
-            await self._sleep(self.interval * random.uniform(0.75, 1.0))
-        return False
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
-    async def _become_leader(self, conn: psycopg.AsyncConnection) -> None:
-        sent = time.monotonic()
-        rows = await self._execute(conn, MARK_LEADER, {"worker": self.owner.worker_id,
-                                                       **self.owner.worker_row()})
-        self.leader_since = rows[0]["leader_since"]
-        self.backend_pid = rows[0]["backend_pid"]
-        self.is_leader = True
-        self.role = "leader"
-        self.leaderships += 1
-        self.lost_reason = ""
-        self._trust(sent)
-        logger.info("reproq: %s is the beat leader (lock connection pid %s)",
-                    self.owner.worker_id, self.backend_pid)
+    async def _sleep(self, seconds: float) -> None:
+        if seconds <= 0 or self._wake is None:
+            return
+        with anyio.move_on_after(seconds):
+            await self._wake.wait()
+        if not self._stopping:
+            self._wake = anyio.Event()
 
-    async def _lead(self, conn: psycopg.AsyncConnection) -> None:
-        await self._become_leader(conn)
-        while not self._stopping:
-            wait = await self._cycle(conn)
-            await self._sleep(min(wait, self.interval))
-        await self._resign(conn)
+    async def _execute(self, conn: psycopg.AsyncConnection, query: str,
+                       params: dict[str, Any]) -> list[dict[str, Any]]:
+        with anyio.fail_after(self.statement_timeout):
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
 
-    async def _resign(self, conn: psycopg.AsyncConnection) -> None:
-        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-            await self._execute(conn, RESIGN, {"worker": self.owner.worker_id, "unlock": True,
-                                               "key": self.key})
-            if self.standalone:
-                await self._execute(conn, sql.DELETE_WORKER, {"worker": self.owner.worker_id})
-        if self.is_leader:
-            logger.info("reproq: %s released beat leadership", self.owner.worker_id)
-        self.is_leader = False
-        self.leader_since = None
-
-    def _lose(self, reason: str) -> None:
-        if self.is_leader:
-            logger.warning("reproq: %s gave up beat leadership (%s)", self.owner.worker_id,
-                           reason)
-        self.is_leader = False
-        self.leader_since = None
-        self.lost_reason = reason
-        self.role = "standby"
-
-    def _trust(self, sent: float) -> None:
-        # The server ends the session LEADER_TIMEOUT after it went idle, which is after `sent`:
-        # until sent + timeout the lock cannot have been released by that timeout. 10% margin.
-        self._trust_until = sent + self.timeout * 0.9
-        self.last_check = sent
-
-    def _check_trust(self) -> None:
-        if time.monotonic() > self._trust_until:
-            raise LeadershipLost("trust deadline passed without a successful check")
+    def _check_leading(self) -> None:
+        if not self.peer.is_leader:
+            raise NotLeader("leadership lost during a beat cycle")
 
     # ------------------------------------------------------------------ one cycle
     async def _cycle(self, conn: psycopg.AsyncConnection) -> float:
-        """Poll (the liveness check), fire what is due; return seconds until the next due."""
-        self._check_trust()
+        """Poll, fire what is due; return seconds until the next due."""
+        self._check_leading()
         now_broken = time.monotonic()
         self._broken = {k: t for k, t in self._broken.items()
                         if now_broken - t < BROKEN_RETRY_SECONDS}
-        sent = time.monotonic()
-        rows = await self._execute(conn, BEAT_POLL, {
-            "worker": self.owner.worker_id, **self.owner.worker_row(),
-            "leader_since": self.leader_since, "skip": list(self._broken), "limit": POLL_LIMIT,
-        })
+        rows = await self._execute(conn, BEAT_POLL, {"skip": list(self._broken),
+                                                     "limit": POLL_LIMIT})
         received = time.monotonic()
-        self._trust(sent)
         db_now: datetime = rows[0]["db_now"]
         next_due: datetime | None = rows[0]["next_due"]
 
@@ -505,7 +338,7 @@ class Beat:
         fires = 0
         again = len(due) >= POLL_LIMIT
         while plans and fires < MAX_FIRES_PER_CYCLE:
-            self._check_trust()
+            self._check_leading()
             results = await self._fire(conn, plans)
             fires += 1
             follow: list[tuple[_Due, Plan]] = []
@@ -551,53 +384,11 @@ class Beat:
                          row.get("name"), row["id"], reason)
         self._broken[row["id"]] = time.monotonic()
 
-    def run_options(self, row: dict[str, Any]) -> tuple[int, int, float | None, str | None,
-                                                         int | None]:
-        """(max_attempts, timeout, expires_in, concurrency_key, concurrency_limit) of a run.
-
-        From the task's options like an enqueue; a task that no longer imports gets the
-        backend's defaults (its run then fails with a readable error in the worker).
-        """
-        from django.utils.module_loading import import_string
-
-        from .. import payload
-        from ..concurrency import rule_for
-        from ..results import ReproqTask
-
-        opts = self.owner.backend.reproq_options
-        path = row["task_path"]
-        if path not in self._task_cache:
-            try:
-                self._task_cache[path] = import_string(path)
-            except Exception:
-                self._task_cache[path] = None
-        task = self._task_cache[path]
-        max_attempts, timeout, expires = opts.max_attempts, opts.timeout_seconds, opts.expires_in
-        if isinstance(task, ReproqTask):
-            max_attempts = task.max_attempts or max_attempts
-            timeout = task.timeout_seconds or timeout
-            expires = task.expires_in or expires
-        max_attempts = row["max_attempts"] or max_attempts
-        key: str | None = None
-        limit: int | None = None
-        rule = rule_for(path)
-        if rule is not None:
-            limit = rule.limit
-            try:
-                args = payload.decode(row["args"], None)
-                kwargs = payload.decode(row["kwargs"], None)
-                key = rule.resolve_key(args, kwargs)
-            except Exception as exc:
-                key = f"schedule:{row['name']}"
-                logger.warning("reproq: the concurrency key of schedule %r could not be "
-                               "computed (%s); using %r", row["name"], exc, key)
-        return (max_attempts, timeout, expires.total_seconds() if expires else None, key, limit)
-
     async def _fire(self, conn: psycopg.AsyncConnection,
                     plans: list[tuple[_Due, Plan]]) -> list[dict[str, Any]]:
         from ..conf import aging_factor_us
 
-        opts = self.owner.backend.reproq_options
+        opts = self.backend.reproq_options
         params: dict[str, Any] = {
             "schedule_id": [p.schedule_id for _, p in plans],
             "expected": [p.expected for _, p in plans],
@@ -611,7 +402,7 @@ class Beat:
             "expires_in": [d.options[2] for d, _ in plans],
             "concurrency_key": [d.options[3] for d, _ in plans],
             "concurrency_limit": [d.options[4] for d, _ in plans],
-            "backend": self.owner.backend.alias, "worker": self.owner.worker_id,
+            "backend": self.backend.alias, "worker": self.worker_id,
             "aging_us": aging_factor_us(self.settings.priority_aging_factor),
             "code_ref": opts.code_ref, "pip_lock_hash": opts.pip_lock_hash,
         }
@@ -640,31 +431,30 @@ class Beat:
 
     # ------------------------------------------------------------------ --once
     async def run_once(self) -> OnceOutcome:
-        """Enqueue what is due now if the lock is free, then release it (for crontab)."""
-        self._stop, self._exited = anyio.Event(), anyio.Event()
-        conn = await self._connect()
-        try:
-            rows = await self._execute(conn, TRY_LOCK, {"key": self.key})
-            if not rows[0]["locked"]:
-                return OnceOutcome(led=False, holder=await self.holder_description(conn))
-            await self._become_leader(conn)
+        """Enqueue what is due now if nobody else leads, then give leadership up (crontab)."""
+        async with self.peer.once() as led:
+            if not led:
+                return OnceOutcome(led=False, holder=self.peer.holder)
             before = (self.ticks, self.skipped)
-            try:
-                for _ in range(MAX_FIRES_PER_CYCLE):
+            for _ in range(MAX_FIRES_PER_CYCLE):
+                async with self.peer.leading() as conn:
                     wait = await self._cycle(conn)
-                    if wait > 0:
-                        break
-            finally:
-                await self._resign(conn)
+                if wait > 0:
+                    break
             return OnceOutcome(led=True, fired=self.ticks - before[0],
                                skipped=self.skipped - before[1])
-        finally:
-            self._exited.set()
-            await self._close(conn)
 
-    async def holder_description(self, conn: psycopg.AsyncConnection) -> str:
-        with contextlib.suppress(Exception):
-            rows = await self._execute(conn, LOCK_HOLDER, lock_key_parts(self.key))
-            if rows:
-                return f"{rows[0]['application_name'] or '?'} (backend pid {rows[0]['pid']})"
-        return "another process"
+
+def standalone(settings: RuntimeSettings, worker_id: str = "") -> Beat:
+    """The beat of ``manage.py reproq beat`` (and ``--once``): its own peer and worker row."""
+    from django.tasks import task_backends
+
+    from .peers import make_peer
+    from .registry import WorkerIdentity, make_worker_id
+
+    backend = task_backends[settings.backend]
+    identity = WorkerIdentity(worker_id=make_worker_id(worker_id), queues=(), concurrency=0,
+                              server="beat")
+    peer = make_peer(settings, backend.database, identity.worker_id, identity.row,
+                     standalone=True)
+    return Beat(settings, backend, identity.worker_id, peer)

@@ -1,7 +1,10 @@
 """`Runtime`: one supervised anyio task group per process running every reproq service.
 
-Services (claimer, promoter, completer, heartbeat, reclaim, beat) are each supervised: a
-crash is logged, counted and restarted with backoff, and never reaches the web server. Jobs run
+Services (claimer, promoter, completer, heartbeat, reclaim, and with ``BEAT`` on the peer and
+the beat) are each supervised: a crash is logged, counted and restarted with backoff, and never
+reaches the web server. The runtime owns one `Peer` (leadership, ``LEADER``) and hands it to the
+beat (fires only while leading) and, through a `MaintenanceTurn`, to the reclaim service
+(maintenance on the leader only, with a fallback when no leader exists for a while). Jobs run
 in a second task group so that shutdown can stop claiming, wait for running jobs up to the grace
 period, cancel the rest and put them back to READY without burning an attempt, flush results,
 and remove the worker row.
@@ -33,6 +36,7 @@ from .gate import RequestGate
 from .heap import freeze_startup_heap, frozen_objects
 from .heartbeat import Heartbeat
 from .outcome import Completion, RetryPolicy
+from .peers import AdvisoryLockPeer, LeasePeer, MaintenanceTurn, make_peer
 from .ports import Topic, Unsubscribe
 from .promoter import Promoter
 from .reclaim import Reclaimer
@@ -102,6 +106,8 @@ class Runtime:
         self.started_at: float | None = None
         self.processes: Any = None
         self.pool: Any = None
+        self.peer: AdvisoryLockPeer | LeasePeer | None = None  # None: BEAT off, no competing
+        self.beat: Beat | None = None
         self._services: anyio.abc.TaskGroup | None = None
         self._stop: anyio.Event | None = None
         self._done: anyio.Event | None = None
@@ -154,19 +160,16 @@ class Runtime:
         self.events.finished(completion)
         _metrics().record_completion(self, completion)
 
-    async def watch_leadership(self) -> None:
-        """Publish a 'leader_changed' event when this process gains or loses beat leadership
-        (an in-memory check twice a second; the event goes out with the next events flush)."""
-        was = False
-        while True:
-            now = bool(self.beat.is_leader)
-            if now != was:
-                since = self.beat.leader_since
-                self.events.single("leader_changed", None, data={
-                    "leader": now, "since": since.isoformat() if since else None,
-                    "reason": "" if now else self.beat.lost_reason})
-                was = now
-            await anyio.sleep(0.5)
+    def leadership_changed(self, leading: bool) -> None:
+        """Publish a 'leader_changed' event when this process gains or loses leadership (a
+        peer subscriber; the event goes out with the next events flush)."""
+        peer = self.peer
+        if peer is None:
+            return
+        since = peer.leader_since
+        self.events.single("leader_changed", None, data={
+            "leader": leading, "since": since.isoformat() if since else None,
+            "reason": "" if leading else peer.lost_reason})
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -178,8 +181,6 @@ class Runtime:
         self.claimer = Claimer(self)
         self.promoter = Promoter(self)
         self.heartbeat = Heartbeat(self)
-        self.reclaimer = Reclaimer(self)
-        self.beat = Beat(self)
         self.events = EventPublisher(self)
         if rs.process_queues:
             from .processes import ProcessPool
@@ -189,12 +190,21 @@ class Runtime:
                                  name=f"reproq-{self.worker_id}"[:63])
         await self.pool.open(wait=False)
         db.register_pool(self.backend.database, self.pool)
+        database = self.backend.database
+        if rs.beat:  # compete for leadership; BEAT off: never lead (maintenance: the fallback)
+            self.peer = make_peer(rs, database, self.worker_id, self.worker_row, pool=self.pool)
+            self.beat = Beat(rs, self.backend, self.worker_id, self.peer)
+        self.reclaimer = Reclaimer(rs, self.pool,
+                                   MaintenanceTurn(self.peer, database, rs.leader_timeout_seconds),
+                                   wake=self.claimer.wake)
         # One notifier per process and database, shared with the dashboard's SSE hub: LISTEN,
         # or in poll-only mode a timer that tells every subscriber to look for itself.
         self.notifier = notifiers.shared(
             self.backend.database, poll_interval=None if rs.listen else rs.poll_interval_seconds,
             application_name=f"reproq-listen-{self.worker_id}")
         subscriptions = self._subscribe(self.notifier)
+        if self.peer is not None:
+            subscriptions.append(self.peer.subscribe(self.leadership_changed))
         self.state = "starting"
         try:
             if self.processes is not None:
@@ -206,10 +216,9 @@ class Runtime:
                 services.start_soon(self._supervise, "reclaim", self.reclaimer.run)
                 services.start_soon(self._supervise, "promoter", self.promoter.run)
                 services.start_soon(self._supervise, "events", self.events.run)
-                if rs.beat:
+                if self.peer is not None and self.beat is not None:
+                    services.start_soon(self._supervise, "leader", self.peer.run)
                     services.start_soon(self._supervise, "beat", self.beat.run)
-                    services.start_soon(self._supervise, "leadership",
-                                        self.watch_leadership)
                 services.start_soon(self._supervise, "claimer", self.claimer.run)
                 frozen = freeze_startup_heap() if rs.gc_freeze else 0
                 self.state = "running"
@@ -269,7 +278,10 @@ class Runtime:
         stoppable, busy_threads = leftover
         with anyio.CancelScope(shield=True), anyio.move_on_after(10) as bounded:
             try:
-                await self.beat.shutdown()  # release the leader lock before the worker row goes
+                if self.beat is not None:
+                    await self.beat.stop()
+                if self.peer is not None:  # give leadership up before the worker row goes
+                    await self.peer.stop()
                 await self.completer.flush()
                 await self.release(stoppable)
                 await self.release(busy_threads, delay=THREAD_EXIT_MARGIN_SECONDS)
@@ -358,7 +370,9 @@ class Runtime:
             "crashes": dict(self.crashes), "outcomes": dict(self.outcomes),
             "listening": bool(getattr(self, "notifier", None) and self.notifier.connected),
             "notifier": self.notifier.status() if hasattr(self, "notifier") else None,
-            "leader": self.beat.status() if hasattr(self, "beat") else None,
+            "leader": (self.beat.status() if self.beat is not None
+                       else {"enabled": False, "role": "off", "is_leader": False}),
+            "maintenance": self.reclaimer.status() if hasattr(self, "reclaimer") else None,
             "gate": self.gate.status(),
             "gc_frozen_objects": frozen_objects(),
         }
