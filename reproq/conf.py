@@ -345,6 +345,15 @@ def load_runtime_settings(
                 "deliver notifications)", "leave LISTEN unset, or use CONNECTION_MODE 'direct'"))
         good["listen"] = False
         sources["listen"] = f"CONNECTION_MODE 'pgbouncer' (from {sources['connection_mode']})"
+        # ... and leadership by a row lease: a session advisory lock needs a session
+        if good.get("leader") == "advisory" and sources["leader"] != "default":
+            problems.append(Problem(
+                f"REPROQ_RUNTIME['LEADER'] (from {sources['leader']})",
+                "'advisory' contradicts CONNECTION_MODE 'pgbouncer' (a session advisory lock "
+                "outlives the transaction a pooler lends)",
+                "leave LEADER unset (it is 'lease' then), or use CONNECTION_MODE 'direct'"))
+        good["leader"] = "lease"
+        sources["leader"] = f"CONNECTION_MODE 'pgbouncer' (from {sources['connection_mode']})"
     rs = RuntimeSettings(**good, sources=sources)
     if rs.heartbeat_seconds >= rs.lease_seconds:
         problems.append(Problem("REPROQ_RUNTIME['HEARTBEAT_SECONDS']",

@@ -174,8 +174,8 @@ def _pooler(alias: str) -> Iterator[Finding]:
     missing = []
     if rs.connection_mode != "pgbouncer":
         missing.append("REPROQ_RUNTIME['CONNECTION_MODE'] = 'pgbouncer'")
-    if rs.beat and getattr(rs, "leader", "advisory") != "lease":
-        missing.append("REPROQ_RUNTIME['BEAT'] = False (run the beat on a direct DSN)")
+    if rs.beat and rs.leader != "lease":
+        missing.append("REPROQ_RUNTIME['LEADER'] = 'lease' (or BEAT = False)")
     try:
         options = getattr(task_backends[rs.backend], "reproq_options", None)
     except Exception:  # an invalid backend is the settings check's finding

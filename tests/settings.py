@@ -64,11 +64,10 @@ if pgbouncer.enabled():
     # Behind PgBouncer in transaction pooling mode (REPROQ_TEST_VIA_PGBOUNCER=1): reproq's one
     # switch, and Django's own (a server-side cursor outlives its transaction). Child processes
     # get the pooler's DATABASE_URL from tests.servers.child_env; this process is pointed at it
-    # by tests.conftest after migrating. Leadership by the row lease (the advisory lock needs a
-    # session and the options startup parameter).
+    # by tests.conftest after migrating. (The mode leads by the row lease: the advisory lock
+    # needs a session and the options startup parameter.)
     DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
     REPROQ_RUNTIME["CONNECTION_MODE"] = "pgbouncer"
-    REPROQ_RUNTIME["LEADER"] = "lease"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LOGGING = {
     "version": 1,

@@ -22,11 +22,18 @@ def _load(runtime: dict, environ: dict | None = None):
         return load_runtime_settings(environ=environ or {})
 
 
-def test_pgbouncer_mode_turns_listen_off_and_says_why():
+def test_pgbouncer_mode_turns_listen_off_leads_by_lease_and_says_why():
     rs, problems = _load({"CONNECTION_MODE": "pgbouncer"})
     assert problems == []
-    assert rs.connection_mode == "pgbouncer" and rs.listen is False
+    assert rs.connection_mode == "pgbouncer" and rs.listen is False and rs.leader == "lease"
     assert rs.sources["listen"].startswith("CONNECTION_MODE 'pgbouncer'")
+    assert rs.sources["leader"].startswith("CONNECTION_MODE 'pgbouncer'")
+
+
+def test_an_advisory_leader_with_pgbouncer_mode_is_a_contradiction():
+    _, problems = _load({"CONNECTION_MODE": "pgbouncer", "LEADER": "advisory"})
+    assert [p.setting for p in problems] == [
+        "REPROQ_RUNTIME['LEADER'] (from settings.REPROQ_RUNTIME)"]
 
 
 def test_pgbouncer_mode_from_the_environment():
