@@ -13,6 +13,7 @@ from django.tasks.signals import task_finished, task_started
 from django.utils import timezone
 
 from reproq import db, sql
+from reproq.exceptions import LeaseExpired
 from reproq.models import TaskRun
 from tests.runtime_helpers import run_with_runtime, wait_for
 from tests.testapp import tasks
@@ -350,6 +351,7 @@ def test_reclaim_requeues_or_fails_expired_leases():
     retried, spent = run_with_runtime(body)
     assert retried.raw_status == "SUCCESSFUL" and retried.attempts == 2
     assert retried.errors[0].exception_class_path == "reproq.exceptions.LeaseExpired"
+    assert retried.errors[0].exception_class is LeaseExpired  # the stored path imports
     assert spent.raw_status == "FAILED" and spent.status_reason == "lease expired"
 
 
