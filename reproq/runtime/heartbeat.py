@@ -17,7 +17,6 @@ the others were reclaimed meanwhile.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -120,7 +119,3 @@ class Heartbeat:
                     continue
                 self.outage.ok()
                 await anyio.sleep(self.runtime.settings.heartbeat_seconds)
-
-
-def queues_json(queues: tuple[str, ...]) -> str:
-    return json.dumps(list(queues))
