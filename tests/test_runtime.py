@@ -433,3 +433,18 @@ def test_pool_connections_are_psycopg():
     assert issubclass(db.CountingConnection, psycopg.AsyncConnection)
     assert sql.name_of(sql.CLAIM) == "CLAIM"
     assert connection.vendor == "postgresql"
+
+
+def test_statements_carry_their_names_and_derived_text_counts_as_other():
+    from reproq.asgi import sse
+    from reproq.dashboard import ops
+    from reproq.runtime import beat
+
+    assert [sql.name_of(s) for s in (sql.CLAIM, sql.CLAIM_FAST, sql.RECLAIM, beat.BEAT_FIRE,
+                                     sse.FETCH, ops.REPLAY)] == [
+        "CLAIM", "CLAIM", "RECLAIM", "BEAT_FIRE", "SSE_FETCH", "REPLAY"]
+    # the name belongs to the object, not to its text or its address
+    assert sql.name_of(str(sql.RECLAIM)) == sql.name_of(sql.RECLAIM + " ") == "other"
+    assert sql.name_of("".join(sql.RECLAIM)) == "other"
+    assert str(sql.RECLAIM) == sql.RECLAIM and isinstance(sql.RECLAIM, str)
+    assert sql.name_of(None) == sql.name_of(b"RECLAIM") == "other"

@@ -202,8 +202,8 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
 """
 
 # Name the statements for `reproq.db.statement_counts` (the names live in `reproq.sql`).
-for _name in ("TRY_LOCK", "MARK_LEADER", "BEAT_POLL", "BEAT_FIRE", "RESIGN", "LOCK_HOLDER"):
-    sql._NAMES[id(globals()[_name])] = _name
+sql.name_statements(globals(), ("TRY_LOCK", "MARK_LEADER", "BEAT_POLL", "BEAT_FIRE", "RESIGN",
+                                "LOCK_HOLDER"))
 
 
 def lock_key(database_name: str) -> int:

@@ -39,9 +39,6 @@ RECHECK_MAX = 1.0
 FULL_CLAIM_SECONDS = 5.0  # after a fast claim passed over flow-controlled rows
 COALESCE_SECONDS = 0.002  # longest wait for more slots to free before a small claim
 
-# Either claim statement counts as a CLAIM in `reproq.db.statement_counts`.
-sql._NAMES[id(sql.CLAIM_FAST)] = "CLAIM"
-
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
