@@ -141,14 +141,17 @@ _watchdog_started = False
 
 
 def _start_watchdog() -> None:
-    """Log an error if no trigger started the runtime within NOT_STARTED_WARNING_SECONDS."""
+    """Log an error if no trigger started the runtime within NOT_STARTED_WARNING_SECONDS
+    (0: no watchdog; the test settings turn it off)."""
     global _watchdog_started
-    if _watchdog_started or "pytest" in sys.modules:
+    if _watchdog_started:
         return
-    _watchdog_started = True
     from ..conf import current_runtime_settings
 
     delay = current_runtime_settings().not_started_warning_seconds
+    if not delay:
+        return
+    _watchdog_started = True
 
     def check() -> None:
         if host.current() is None and not host.stopping():
