@@ -1,14 +1,24 @@
-"""Every hot-path SQL statement, named, in one place (enqueue, claim, heartbeat, reclaim, finish).
+"""reproq's SQL statements, in one place: enqueue, claim, complete, heartbeat, reclaim, release,
+promote/unblock, cancel, pause, events, pruning, metadata.
 
-Rules: each statement works on a whole batch (arrays in, rows out); none scans the table per
-task; NOTIFY is sent once per queue per statement (PostgreSQL folds duplicates within a
-transaction and delivers at COMMIT, so a rolled-back enqueue wakes nobody).
+Each public statement is a `Statement` (a `str` carrying its name, which
+`reproq.db.statement_counts` counts). Statements only one module runs live in that module and
+are named there with `name_statements`: the beat's (`reproq.runtime.beat`), the SSE hub's
+(`reproq.asgi.sse`), replay (`reproq.dashboard.ops`).
 
-Notification payloads on the ``reproq`` channel:
-  ``r:<queue>``   READY work appeared in <queue>
-  ``w:<epoch>``   a WAITING row becomes due at <epoch> (seconds)
-  ``c:<id>``      cancellation requested for run <id>
-  ``q:<queue>``   queue control changed (pause/resume)
+Rules for the hot path (enqueue, claim, complete, heartbeat, reclaim): each statement works on a
+whole batch (arrays in, rows out); none scans the table per task; NOTIFY is sent once per queue
+per statement (PostgreSQL folds duplicates within a transaction and delivers at COMMIT, so a
+rolled-back enqueue wakes nobody).
+
+Notification payloads on the ``reproq`` channel, ``<topic>:<value>`` (`reproq.runtime.ports.Topic`
+and its `decode` are the one reader):
+  ``r:<queue>``   READY work appeared in <queue> (enqueue, retry without delay, reclaim,
+                  release, promote, unblock, the beat's ticks, replay)
+  ``w:<epoch>``   a WAITING run becomes due at <epoch> (seconds since the epoch, fractional)
+  ``c:<id>``      cancellation requested for run <id>, which is RUNNING somewhere
+  ``q:<queue>``   <queue> was paused or resumed
+  ``e:<id>``      dashboard events were written, the newest being reproq_events id <id>
 """
 
 from __future__ import annotations

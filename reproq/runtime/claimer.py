@@ -1,8 +1,9 @@
 """Claims due rows for this process's queues, as many as there are free slots, one statement each.
 
 It claims again as soon as a slot frees up while it keeps filling every free slot (more work is
-likely waiting), and otherwise sleeps until the listener wakes it (NOTIFY), or the fallback timer
-fires (missed notifications, poll-only mode). When fewer than half the slots are free and runs
+likely waiting), and otherwise sleeps until the notifier wakes it (a ``r:``/``q:`` notification,
+or every POLL_INTERVAL_SECONDS in poll-only mode: `reproq.runtime.notifier`), or the fallback
+timer fires (missed notifications). When fewer than half the slots are free and runs
 are still going, it first gives them up to COALESCE_SECONDS to free more, so that one claim fills
 several slots. When its claim passed over READY rows locked by another statement, it looks again
 shortly (see `reproq.sql.CLAIM`): their lock holder may leave them READY without announcing
