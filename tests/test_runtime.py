@@ -435,6 +435,40 @@ def test_pool_connections_are_psycopg():
     assert connection.vendor == "postgresql"
 
 
+def test_run_observers_hear_claims_and_finished_attempts_and_one_that_raises_breaks_nothing():
+    from reproq.runtime import observers
+
+    heard: list[tuple] = []
+
+    class Recorder:
+        def claimed(self, source, rows):
+            heard.append(("claimed", source.worker_id, [r["status"] for r in rows]))
+
+        def finished(self, source, completion):
+            heard.append(("finished", source.worker_id, completion.status, completion.id))
+
+    class Broken:
+        def claimed(self, source, rows):
+            raise RuntimeError("observer bug")
+
+        def finished(self, source, completion):
+            raise RuntimeError("observer bug")
+
+    removals = [observers.register(Broken()), observers.register(Recorder())]
+    try:
+        async def body(rt):
+            r = await tasks.add.aenqueue(2, 3)
+            return rt.worker_id, await wait_for(r.id)
+
+        worker, done = run_with_runtime(body)
+    finally:
+        for remove in removals:
+            remove()
+    assert done.raw_status == "SUCCESSFUL" and done.return_value == 5
+    assert any(h[:2] == ("claimed", worker) and "RUNNING" in h[2] for h in heard), heard
+    assert ("finished", worker, "SUCCESSFUL", int(done.id)) in heard
+
+
 def test_statements_carry_their_names_and_derived_text_counts_as_other():
     from reproq.asgi import sse
     from reproq.dashboard import ops

@@ -36,11 +36,14 @@ class ReproqLifespan:
         self._autostart = autostart
         self._warned = False
         self._shutdown = False
+        from .metrics import install
+
+        install()  # whichever trigger starts the runtime here, its runs feed the metrics
         if self.autostart:
-            from . import daphne
+            from .daphne import install_reactor_hooks
 
             if "daphne.server" in sys.modules:
-                daphne.install_reactor_hooks()
+                install_reactor_hooks()
             _start_watchdog()
 
     @property
@@ -86,9 +89,9 @@ class ReproqLifespan:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                from . import sse
+                from .sse import reset_shutdown
 
-                sse.reset_shutdown()
+                reset_shutdown()
                 if self.autostart:
                     try:
                         await host.start("lifespan")
@@ -100,9 +103,9 @@ class ReproqLifespan:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self._shutdown = True
-                from . import sse
+                from .sse import request_shutdown
 
-                sse.request_shutdown()  # end open event streams before the runtime stops
+                request_shutdown()  # end open event streams before the runtime stops
                 try:
                     await host.stop()
                 except Exception:
