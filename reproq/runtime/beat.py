@@ -42,7 +42,7 @@ import anyio
 import psycopg
 
 from .. import db, sql
-from ..recurring import CronSchedule, InvalidSchedule, Plan, plan
+from ..cron import CronSchedule, InvalidSchedule, Plan, plan
 
 if TYPE_CHECKING:
     from ..backend import ReproqBackend
