@@ -209,3 +209,22 @@ def test_reproq_recurring_still_exports_the_names_it_documented_from_their_new_h
         assert getattr(recurring, name) is getattr(home, name), name
     assert {"recurring", "run_now", "current_leader", "CronSchedule", "plan", "sync_recurring",
             "InvalidSchedule"} <= set(recurring.__all__)
+
+
+def test_periodic_task_applies_the_rules_reproq_schedules_provides_and_says_when_they_are_missing(
+        monkeypatch):
+    from django.core.exceptions import ImproperlyConfigured, ValidationError
+
+    from reproq import models, schedules
+
+    bad = models.PeriodicTask(name="bad", cron_expr="61 * * * *",
+                              task_path="tests.testapp.tasks.add")
+    with pytest.raises(ValidationError) as refused:
+        bad.clean()  # installed by reproq.apps.ReproqConfig.ready
+    assert "cron_expr" in refused.value.message_dict
+    assert models._rules().validate is schedules.validate_schedule
+    monkeypatch.setattr(models, "_schedule_rules", None)
+    with pytest.raises(ImproperlyConfigured, match="INSTALLED_APPS"):
+        bad.clean()
+    with pytest.raises(ImproperlyConfigured, match="INSTALLED_APPS"):
+        bad.save()
