@@ -18,8 +18,17 @@ from typing import Any, Protocol
 
 from ..sql import CHANNEL
 
-__all__ = ["CHANNEL", "Callback", "Notifier", "NotLeader", "Peer", "Service", "Topic", "decode",
-           "encode"]
+__all__ = [
+    "CHANNEL",
+    "Callback",
+    "NotLeader",
+    "Notifier",
+    "Peer",
+    "Service",
+    "Topic",
+    "decode",
+    "encode",
+]
 
 
 class Topic(StrEnum):
