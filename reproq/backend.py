@@ -93,7 +93,10 @@ class ReproqBackend(BaseTaskBackend):
     @property
     def reproq_options(self) -> BackendOptions:
         if self._parsed is None:
-            self._parsed = parse_backend_options(self.alias, self.options)
+            opts, problems = parse_backend_options(self.alias, self.options)
+            if opts.prepared_statements and not _session_state_allowed():
+                opts = dataclasses.replace(opts, prepared_statements=False)  # CONNECTION_MODE
+            self._parsed = (opts, problems)
         return self._parsed[0]
 
     @property
@@ -670,6 +673,12 @@ def _has_model_refs(row: dict[str, Any]) -> bool:
 
 
 JSON_COLUMNS = frozenset({"args", "kwargs", "worker_ids", "errors", "return_value", "metadata"})
+
+
+def _session_state_allowed() -> bool:
+    from .db import session_state_allowed
+
+    return session_state_allowed()
 
 
 def _dict_rows(cursor: Any) -> list[dict[str, Any]]:

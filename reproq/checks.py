@@ -21,6 +21,31 @@ def check_runtime_settings(app_configs: Any = None, **kwargs: Any) -> list[check
     ]
 
 
+def check_connection_mode(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """CONNECTION_MODE "pgbouncer" needs Django's DISABLE_SERVER_SIDE_CURSORS on the database
+    reproq uses (a server-side cursor outlives the transaction a pooler gives it)."""
+    from django.db import connections
+    from django.tasks import task_backends
+
+    from .conf import load_runtime_settings
+
+    rs, problems = load_runtime_settings()
+    if problems or rs.connection_mode != "pgbouncer":
+        return []
+    try:
+        alias = task_backends[rs.backend].reproq_options.database
+    except Exception:  # an invalid backend is another check's finding
+        return []
+    if alias not in connections.settings or connections[alias].settings_dict.get(
+            "DISABLE_SERVER_SIDE_CURSORS"):
+        return []
+    return [checks.Warning(
+        f"CONNECTION_MODE is 'pgbouncer' but DATABASES[{alias!r}] has no "
+        "DISABLE_SERVER_SIDE_CURSORS: Django's server-side cursors (QuerySet.iterator()) break "
+        "behind a transaction pooler", hint=f"set DATABASES[{alias!r}]"
+        "['DISABLE_SERVER_SIDE_CURSORS'] = True", id="reproq.W040")]
+
+
 def check_access_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """REPROQ_ALLOWED_CIDRS, REPROQ_TRUSTED_PROXIES and the other access settings: an invalid
     one makes every reproq endpoint refuse (fail closed), so it is an error here."""
@@ -77,5 +102,6 @@ def check_runtime_alive(app_configs: Any = None, databases: Any = None,
 
 def register() -> None:
     checks.register(check_runtime_settings, "reproq")
+    checks.register(check_connection_mode, "reproq")
     checks.register(check_access_settings, "reproq")
     checks.register(check_runtime_alive, "reproq", checks.Tags.database)

@@ -169,6 +169,9 @@ class RuntimeSettings:
     process_queues: tuple[str, ...] = ()  # queues whose sync tasks run in child processes
     process_workers: int = 2
     listen: bool = True  # False: poll-only mode (PgBouncer transaction pooling)
+    # "direct": reproq may keep session state (LISTEN, prepared statements, session advisory
+    # locks); "pgbouncer": none of it (a transaction pooler in front of PostgreSQL)
+    connection_mode: str = "direct"
     pool_max_size: int = 8
     worker_id: str = ""
     lazy_start: bool = True
@@ -207,6 +210,7 @@ _RUNTIME_KINDS: dict[str, str] = {
     "process_queues": "queues",
     "process_workers": "posint",
     "listen": "bool",
+    "connection_mode": "mode",
     "pool_max_size": "posint",
     "worker_id": "str",
     "lazy_start": "bool",
@@ -234,7 +238,10 @@ _HINTS = {
     "posint": "a whole number >= 1",
     "posnum": "a number > 0",
     "nonnegnum": "a number >= 0",
+    "mode": '"direct" (reproq talks to PostgreSQL itself) or "pgbouncer" (through a '
+            'transaction pooler)',
 }
+CONNECTION_MODES = ("direct", "pgbouncer")
 
 
 def _coerce_env(kind: str, text: str) -> Any:
@@ -276,6 +283,8 @@ def _valid(kind: str, value: Any) -> bool:
             return _is_number(value) and value > 0
         case "nonnegnum":
             return _is_number(value) and value >= 0
+        case "mode":
+            return value in CONNECTION_MODES
     return False
 
 
@@ -319,6 +328,15 @@ def load_runtime_settings(
         else:
             problems.append(Problem(f"REPROQ_RUNTIME[{name.upper()!r}] (from {sources[name]})",
                                     f"{value!r} is not valid", f"write {_HINTS[kind]}"))
+    if good.get("connection_mode") == "pgbouncer":
+        # One switch: no LISTEN behind a transaction pooler (it never delivers notifications).
+        if good.get("listen") is True and sources["listen"] != "default":
+            problems.append(Problem(
+                f"REPROQ_RUNTIME['LISTEN'] (from {sources['listen']})",
+                "True contradicts CONNECTION_MODE 'pgbouncer' (a transaction pooler does not "
+                "deliver notifications)", "leave LISTEN unset, or use CONNECTION_MODE 'direct'"))
+        good["listen"] = False
+        sources["listen"] = f"CONNECTION_MODE 'pgbouncer' (from {sources['connection_mode']})"
     rs = RuntimeSettings(**good, sources=sources)
     if rs.heartbeat_seconds >= rs.lease_seconds:
         problems.append(Problem("REPROQ_RUNTIME['HEARTBEAT_SECONDS']",

@@ -98,10 +98,26 @@ def conninfo(alias: str = "default", **extra: Any) -> str:
     return make_conninfo(**{k: str(v) for k, v in clean.items()})
 
 
+def session_state_allowed() -> bool:
+    """False in CONNECTION_MODE "pgbouncer": a transaction pooler hands each transaction to
+    any server connection, so nothing may outlive one (prepared statements, LISTEN, session
+    advisory locks, SET)."""
+    from .conf import current_runtime_settings
+
+    return current_runtime_settings().connection_mode != "pgbouncer"
+
+
+def _prepare_threshold() -> int | None:
+    """psycopg's automatic server-side prepared statements (after 5 runs of a query, psycopg's
+    default), or None (never) when session state is not allowed."""
+    return 5 if session_state_allowed() else None
+
+
 async def connect(alias: str = "default", **extra: Any) -> psycopg.AsyncConnection:
     """A dedicated autocommit connection (LISTEN, leadership), outside any pool."""
     return await CountingConnection.connect(
-        conninfo(alias, **extra), autocommit=True, row_factory=dict_row
+        conninfo(alias, **extra), autocommit=True, row_factory=dict_row,
+        prepare_threshold=_prepare_threshold(),
     )
 
 
@@ -138,7 +154,8 @@ def make_pool(alias: str, max_size: int, name: str) -> AsyncConnectionPool:
         max_size=max_size,
         open=False,
         connection_class=CountingConnection,
-        kwargs={"autocommit": True, "row_factory": dict_row},
+        kwargs={"autocommit": True, "row_factory": dict_row,
+                "prepare_threshold": _prepare_threshold()},
         name=name,
         timeout=10.0,
         max_idle=300.0,

@@ -146,7 +146,8 @@ def _notify(alias: str) -> Iterator[Finding]:
 
 def _pooler(alias: str) -> Iterator[Finding]:
     """A transaction pooler (PgBouncer) between reproq and PostgreSQL (`reproq.pooler`), and
-    which of today's settings for running behind one are still missing."""
+    which settings for running behind one are still missing (CONNECTION_MODE, Django's
+    DISABLE_SERVER_SIDE_CURSORS) — or a pgbouncer CONNECTION_MODE on a direct connection."""
     import psycopg
     from django.db import connections
     from django.tasks import task_backends
@@ -161,14 +162,19 @@ def _pooler(alias: str) -> Iterator[Finding]:
         yield Finding(WARN, "connection mode",
                       f"cannot probe for a pooler: {type(exc).__name__}: {first}")
         return
+    rs = current_runtime_settings()
     if found.mode == DIRECT:
+        if rs.connection_mode == "pgbouncer":
+            yield Finding(WARN, "connection mode", f"direct: {found.summary}, but "
+                          "CONNECTION_MODE is 'pgbouncer' (LISTEN and prepared statements are "
+                          "off for nothing)", "set REPROQ_RUNTIME['CONNECTION_MODE'] = 'direct'")
+            return
         yield Finding(OK, "connection mode", f"direct: {found.summary}")
         return
-    rs = current_runtime_settings()
     missing = []
-    if rs.listen:
-        missing.append("REPROQ_RUNTIME['LISTEN'] = False")
-    if rs.beat:
+    if rs.connection_mode != "pgbouncer":
+        missing.append("REPROQ_RUNTIME['CONNECTION_MODE'] = 'pgbouncer'")
+    if rs.beat and getattr(rs, "leader", "advisory") != "lease":
         missing.append("REPROQ_RUNTIME['BEAT'] = False (run the beat on a direct DSN)")
     try:
         options = getattr(task_backends[rs.backend], "reproq_options", None)

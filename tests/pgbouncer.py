@@ -38,7 +38,6 @@ SKIP_ENV = "REPROQ_TEST_PGBOUNCER_SKIP"
 # (what many deployments configure; the beat then runs without its session timeouts).
 IGNORE_OPTIONS_ENV = "REPROQ_TEST_PGBOUNCER_IGNORE_OPTIONS"
 # Children started by the tests poll for work at least this often (there is no LISTEN).
-POLL_SECONDS = 1.0
 CANDIDATES = ("pgbouncer", "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
 DEBIAN_UNIT = "pgbouncer"
 

@@ -168,13 +168,9 @@ def child_env(token: str, extra: dict[str, str] | None = None) -> dict[str, str]
     })
     env.update(extra or {})
     if pgbouncer.enabled() and os.environ.get(pgbouncer.URL_ENV):
-        # Through the session's PgBouncer, poll-only (tests.settings): a fallback timer far off
-        # (asked for by tests that prove NOTIFY wake-ups) would be the only wake-up there is.
+        # Through the session's PgBouncer (tests.settings: CONNECTION_MODE "pgbouncer").
         env[pgbouncer.SWITCH_ENV] = "1"
         env["DATABASE_URL"] = os.environ[pgbouncer.URL_ENV]
-        poll = env.get("REPROQ_POLL_FALLBACK_SECONDS")
-        if poll is None or float(poll) > pgbouncer.POLL_SECONDS:
-            env["REPROQ_POLL_FALLBACK_SECONDS"] = str(pgbouncer.POLL_SECONDS)
     return env
 
 

@@ -64,16 +64,12 @@ REPROQ_RUNTIME = {
     "NOT_STARTED_WARNING_SECONDS": 0,
 }
 if pgbouncer.enabled():
-    # Behind PgBouncer in transaction pooling mode (REPROQ_TEST_VIA_PGBOUNCER=1): what running
-    # reproq there takes today. Django: no server-side cursors (a cursor outlives its
-    # transaction). reproq: no prepared statements on Django's connection, no LISTEN (poll-only
-    # at pgbouncer.POLL_SECONDS). The beat keeps its default (BEAT on): its session advisory lock
-    # is what the suites show breaking. Child processes get the pooler's DATABASE_URL from
-    # tests.servers.child_env; this process is pointed at it by tests.conftest after migrating.
+    # Behind PgBouncer in transaction pooling mode (REPROQ_TEST_VIA_PGBOUNCER=1): reproq's one
+    # switch, and Django's own (a server-side cursor outlives its transaction). Child processes
+    # get the pooler's DATABASE_URL from tests.servers.child_env; this process is pointed at it
+    # by tests.conftest after migrating.
     DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
-    TASKS["default"]["OPTIONS"]["PREPARED_STATEMENTS"] = False
-    REPROQ_RUNTIME["LISTEN"] = False
-    REPROQ_RUNTIME["POLL_FALLBACK_SECONDS"] = pgbouncer.POLL_SECONDS
+    REPROQ_RUNTIME["CONNECTION_MODE"] = "pgbouncer"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LOGGING = {
     "version": 1,

@@ -28,6 +28,7 @@ from tests.servers import (
     COMMANDS,
     REPO_ROOT,
     Servers,
+    expect_listeners,
     free_port,
     wait_for_status,
     wait_until,
@@ -507,14 +508,15 @@ def test_sse_streams_events_of_another_process_with_filters_resume_and_cleanup(s
         assert bad_filter.status_code == 400
 
         # The web process's LISTEN connection (its notifier's: the hub has none of its own)
-        # is killed: it reconnects and the hub catches up.
+        # is killed: it reconnects and the hub catches up. (Through PgBouncer there is none:
+        # the hub polls, and the event still arrives.)
         with _stream(client, web) as resp:
             read_sse(resp, until=lambda m, r: True, timeout=5)  # the opening comment
             with connection.cursor() as cur:
                 cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                             "WHERE datname = current_database() "
                             "AND application_name = %s", [f"reproq-listen-{web.pid}"])
-                assert cur.fetchone()[0] == 1
+                assert cur.fetchone()[0] == (1 if expect_listeners() else 0)
             rid = int(worker.enqueue_http("add", 40, 2))
             messages, _ = read_sse(resp, timeout=15, until=lambda m, r: any(
                 e["kind"] == "succeeded" and rid in e["data"].get("run_ids", [])

@@ -690,8 +690,10 @@ def test_running_async_task_is_cancelled_through_notify_not_the_heartbeat():
     # sometimes already CANCELLED by the worker, which is that fast.
     assert (requested.raw_status, requested.status_reason) in {
         ("RUNNING", "cancel requested while running"), ("CANCELLED", "cancelled while running")}
-    assert beats == 0
-    assert latency < 5  # generous; the point is that no heartbeat ran
+    # Through a transaction pooler (CONNECTION_MODE "pgbouncer": no LISTEN) the cancel is heard
+    # by the heartbeat each poll tick brings forward while runs are held, not the 30 s one.
+    assert beats == 0 if expect_listeners() else beats >= 1
+    assert latency < 5  # generous; the point is that the 30 s heartbeat was not waited for
     assert done.status_reason == "cancelled while running"
     assert done.errors[-1].exception_class_path == "reproq.runtime.executor.TaskCancelled"
     assert_never_retried(r.id, attempts=1)
@@ -734,7 +736,7 @@ def test_running_sync_task_sees_cancel_requested_in_its_context():
     done, latency, beats = run_with_runtime(body, heartbeat_seconds=30, lease_seconds=90)
     print(f"\nsync thread run saw context.cancel_requested; CANCELLED after "
           f"{latency * 1000:.0f} ms")
-    assert beats == 0 and latency < 5
+    assert (beats == 0 if expect_listeners() else beats >= 1) and latency < 5
     assert done.metadata == {"polling": True, "saw_cancel": True}
     assert done.status_reason == "cancelled while running" and done.attempts == 1
     assert_never_retried(r.id, attempts=1)

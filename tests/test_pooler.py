@@ -97,7 +97,7 @@ def test_doctor_names_the_connection_mode_and_what_is_missing_for_it():
     if pgbouncer.session() is None:
         assert found.level == "ok" and found.detail.startswith("direct: sessions are real")
     else:
-        # tests.settings turns LISTEN and prepared statements off but keeps the beat on.
+        # tests.settings sets CONNECTION_MODE 'pgbouncer' but keeps the beat on.
         assert found.level == "warn" and found.detail.startswith("pgbouncer:"), found
         assert "REPROQ_RUNTIME['BEAT'] = False" in found.hint
-        assert "LISTEN" not in found.hint and "PREPARED_STATEMENTS" not in found.hint
+        assert "CONNECTION_MODE" not in found.hint and "PREPARED_STATEMENTS" not in found.hint

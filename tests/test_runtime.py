@@ -16,6 +16,7 @@ from reproq import db, sql
 from reproq.exceptions import LeaseExpired
 from reproq.models import TaskRun
 from tests.runtime_helpers import run_with_runtime, wait_for
+from tests.servers import expect_listeners
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -314,6 +315,8 @@ def test_notify_wakes_an_idle_runtime_without_the_fallback_timer():
     assert done.return_value == 15
 
 
+@pytest.mark.skipif(not expect_listeners(), reason="CONNECTION_MODE 'pgbouncer' (the suite "
+                    "runs through PgBouncer): there is no LISTEN connection to kill")
 def test_listener_reconnects_after_its_backend_is_killed():
     async def body(rt):
         await asyncio.wait_for(rt.notifier.wait_connected(), timeout=10)

@@ -46,6 +46,11 @@ class Heartbeat:
         self.fenced: set[int] = set()  # runs stopped here for want of a renewal
         self.fences = 0
         self.outage = db.Outage("heartbeat")
+        self._wake = anyio.Event()
+
+    def poke(self) -> None:
+        """Beat now (poll-only mode: how cancel requests of the runs held here are heard)."""
+        self._wake.set()
 
     def held(self) -> list[int]:
         """Runs whose lease this process must renew: running here, or finished here with the
@@ -118,4 +123,6 @@ class Heartbeat:
                     await self.outage.failed(exc)
                     continue
                 self.outage.ok()
-                await anyio.sleep(self.runtime.settings.heartbeat_seconds)
+                with anyio.move_on_after(self.runtime.settings.heartbeat_seconds):
+                    await self._wake.wait()
+                self._wake = anyio.Event()

@@ -122,8 +122,10 @@ class Runtime:
                 self.promoter.note_due(float(value))
 
         def cancel(value: str | None) -> None:
-            # None: the heartbeat reports cancel requests of the runs held here anyway
-            if value is not None and value.isascii() and value.isdigit():
+            if value is None:  # a poll tick or a reconnect: the heartbeat reports cancels
+                if self.executor.running:
+                    self.heartbeat.poke()
+            elif value.isascii() and value.isdigit():
                 self.executor.cancel(int(value))
 
         return [notifier.subscribe(Topic.READY, ready),
