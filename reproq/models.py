@@ -128,12 +128,13 @@ class TaskRun(models.Model):
                                    name="reproq_runs_pending_deps_nonnegative"),
             models.CheckConstraint(condition=Q(receives__in=["", "result", "results"]),
                                    name="reproq_runs_receives_valid"),
-            # A limit of 0 (or less), written by hand, would park its runs for ever.
-            models.CheckConstraint(condition=Q(sem_limit__isnull=True) | Q(sem_limit__gte=1),
-                                   name="reproq_runs_sem_limit_positive"),
+            # A limit of 0 holds its key's runs back (a paused key); a negative one, written by
+            # hand, means nothing.
+            models.CheckConstraint(condition=Q(sem_limit__isnull=True) | Q(sem_limit__gte=0),
+                                   name="reproq_runs_sem_limit_nonnegative"),
             models.CheckConstraint(condition=Q(concurrency_limit__isnull=True)
-                                   | Q(concurrency_limit__gte=1),
-                                   name="reproq_runs_concurrency_limit_positive"),
+                                   | Q(concurrency_limit__gte=0),
+                                   name="reproq_runs_concurrency_limit_nonnegative"),
         ]
 
     def __str__(self) -> str:
