@@ -366,7 +366,7 @@ class PeriodicTaskAdmin(StrictLookups):
 
     @admin.action(description="Run now (set next run to now)")
     def run_now(self, request: HttpRequest, queryset: QuerySet[PeriodicTask]) -> None:
-        from .recurring import run_now
+        from .schedules import run_now
 
         disabled = queryset.filter(enabled=False).count()
         changed = run_now(queryset.filter(enabled=True))

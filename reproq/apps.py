@@ -20,8 +20,12 @@ class ReproqConfig(AppConfig):
         setting_changed.connect(conf.reset_cache, dispatch_uid="reproq.conf.reset_cache")
         from django.db.models.signals import post_migrate
 
-        from .recurring import sync_after_migrate
+        from .models import install_schedule_rules
+        from .schedules import rules, sync_after_migrate
 
+        # PeriodicTask.clean() and save() apply reproq.schedules' rules (the model cannot import
+        # that module: it imports the model).
+        install_schedule_rules(rules())
         # @recurring schedules are written after every migrate (SYNC_RECURRING_ON_MIGRATE).
         post_migrate.connect(sync_after_migrate, sender=self,
-                             dispatch_uid="reproq.recurring.sync_after_migrate")
+                             dispatch_uid="reproq.schedules.sync_after_migrate")

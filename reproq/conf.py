@@ -217,7 +217,7 @@ _RUNTIME_KINDS: dict[str, str] = {
     "pool_max_size": "posint",
     "worker_id": "str",
     "lazy_start": "bool",
-    "not_started_warning_seconds": "posnum",
+    "not_started_warning_seconds": "nonnegnum",
     "events_retention_seconds": "posnum",
     "finished_retention_seconds": "nonnegnum",
     "beat": "bool",

@@ -1,7 +1,12 @@
 """Operator controls shared by the API, the CLI and the admin: cancel, pause/resume, rate limits.
 
-Each is one statement through Django's connection (so it joins a caller's transaction) and
-wakes every process through NOTIFY when it commits.
+- `cancel_runs` and `set_paused` are one statement each (`reproq.sql.CANCEL`,
+  `reproq.sql.SET_PAUSED`) through Django's connection, so they join a caller's transaction;
+  their NOTIFY — ``c:<id>`` for each run still RUNNING, ``q:<queue>`` — reaches the other
+  processes when it commits. `acancel_runs` sends CANCEL on reproq's own pool instead: its own
+  transaction, committed at once.
+- `set_rate_limit` and `remove_rate_limit` write the `RateLimit` row through the ORM and notify
+  nobody: every claim reads the buckets, so a change applies from the next claim on.
 """
 
 from __future__ import annotations

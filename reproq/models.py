@@ -7,8 +7,11 @@ typed view of the same tables, and own the migrations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Now
@@ -125,12 +128,13 @@ class TaskRun(models.Model):
                                    name="reproq_runs_pending_deps_nonnegative"),
             models.CheckConstraint(condition=Q(receives__in=["", "result", "results"]),
                                    name="reproq_runs_receives_valid"),
-            # A limit of 0 (or less), written by hand, would park its runs for ever.
-            models.CheckConstraint(condition=Q(sem_limit__isnull=True) | Q(sem_limit__gte=1),
-                                   name="reproq_runs_sem_limit_positive"),
+            # A limit of 0 holds its key's runs back (a paused key); a negative one, written by
+            # hand, means nothing.
+            models.CheckConstraint(condition=Q(sem_limit__isnull=True) | Q(sem_limit__gte=0),
+                                   name="reproq_runs_sem_limit_nonnegative"),
             models.CheckConstraint(condition=Q(concurrency_limit__isnull=True)
-                                   | Q(concurrency_limit__gte=1),
-                                   name="reproq_runs_concurrency_limit_positive"),
+                                   | Q(concurrency_limit__gte=0),
+                                   name="reproq_runs_concurrency_limit_nonnegative"),
         ]
 
     def __str__(self) -> str:
@@ -228,6 +232,31 @@ class RateLimit(models.Model):
         return f"{self.key}: {self.rate}/{self.period_seconds}s"
 
 
+@dataclass(frozen=True)
+class ScheduleRules:
+    """What `PeriodicTask.clean()` and ``save()`` apply. They live in `reproq.schedules` (they
+    need the task backends, and that module imports this one to sync rows), which
+    `reproq.apps.ReproqConfig.ready` installs here with `install_schedule_rules`."""
+
+    validate: Callable[[PeriodicTask], None]
+    prepare_for_save: Callable[[PeriodicTask], None]
+
+
+_schedule_rules: ScheduleRules | None = None
+
+
+def install_schedule_rules(rules: ScheduleRules) -> None:
+    global _schedule_rules
+    _schedule_rules = rules
+
+
+def _rules() -> ScheduleRules:
+    if _schedule_rules is None:
+        raise ImproperlyConfigured("reproq's schedule rules are not installed: add 'reproq' to "
+                                   "INSTALLED_APPS (its ready() installs them)")
+    return _schedule_rules
+
+
 class PeriodicTask(models.Model):
     """A cron schedule; the beat leader enqueues each due fire exactly once."""
 
@@ -268,17 +297,14 @@ class PeriodicTask(models.Model):
         return f"{self.name} ({self.cron_expr})"
 
     def clean(self) -> None:
-        """Invalid cron expressions, time zones and task paths, by field (see reproq.recurring)."""
-        from .recurring import validate_schedule
-
-        validate_schedule(self)
+        """Invalid cron expressions, time zones and task paths, by field (see
+        `reproq.schedules.validate_schedule`)."""
+        _rules().validate(self)
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         """Refuse invalid schedules (ValidationError) and keep next_run_at right; a due
         next_run_at is never moved (run now: set next_run_at to now)."""
-        from .recurring import prepare_for_save
-
-        prepare_for_save(self)
+        _rules().prepare_for_save(self)
         super().save(*args, **kwargs)
 
 

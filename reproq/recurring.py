@@ -1,523 +1,65 @@
-"""Cron schedules: parsing and next-fire computation, misfire policy, validation, `@recurring`.
-
-A `PeriodicTask` row is a cron expression in a time zone plus a task call. The beat leader
-(`reproq.runtime.beat`) enqueues each due fire exactly once; this module holds everything about
-*when* a schedule fires, which needs no database:
-
-- `CronSchedule`: croniter over a zoneinfo time zone. Five fields (minute hour day month
-  weekday), six with **seconds as the last field**, seven with a year, and the ``@hourly`` style
-  aliases - whatever croniter accepts. Fires are computed in the schedule's zone and stored in
-  UTC; across DST transitions croniter's semantics apply (docs/schedules.md).
-- `plan()`: what the beat does with one due schedule - fire it, catch up, or apply the misfire
-  policy after downtime.
-- `validate_schedule()` / `prepare_for_save()`: the model's ``clean()`` and ``save()``; invalid
-  cron expressions, unknown time zones and unknown task paths are refused with a clear message.
-- `recurring()`: code-defined schedules stacked on ``@task``; `sync_recurring()` writes them to
-  the database (``manage.py reproq sync-recurring`` and after ``migrate``) and never pushes an
-  already-due fire into the future.
+"""The names documented as ``reproq.recurring``, kept importable: schedules now live in two
+modules, `reproq.cron` (when a schedule fires: no model, no database) and `reproq.schedules`
+(validation, ``@recurring``, the sync of `PeriodicTask` rows). Nothing in reproq imports this
+module, so it cannot close an import cycle.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from django.core.exceptions import ValidationError
-
-if TYPE_CHECKING:
-    from .models import PeriodicTask
-
-logger = logging.getLogger("reproq.beat")
-
-RUN_ONCE = "run_once"
-SKIP = "skip"
-ALLOW = "allow"
-MISFIRE_POLICIES = (RUN_ONCE, SKIP)
-OVERLAP_POLICIES = (ALLOW, SKIP)
-DEFAULT_MISFIRE = RUN_ONCE
-DEFAULT_OVERLAP = ALLOW
-
-CRON_HINT = ("use 5 fields (minute hour day month weekday), 6 with seconds as the last field, "
-             "or an alias such as @hourly, @daily, @weekly, @monthly, @yearly")
-
-
-class InvalidSchedule(ValueError):
-    """A cron expression or time zone that cannot be used."""
-
-
-# --------------------------------------------------------------------------- time zones, cron
-
-
-def default_timezone_name() -> str:
-    from django.conf import settings
-
-    return getattr(settings, "TIME_ZONE", None) or "UTC"
-
-
-def resolve_timezone(name: str | None) -> ZoneInfo:
-    """The zone called `name` ('' or None: settings.TIME_ZONE); InvalidSchedule if unknown."""
-    name = name or default_timezone_name()
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
-        # OSError: a name that is a directory of the tz database ("Europe") or longer than the
-        # file system allows.
-        raise InvalidSchedule(f"unknown time zone {name!r}: use an IANA name such as "
-                              "'Europe/Paris', 'America/New_York' or 'UTC'") from None
-
-
-@dataclass(frozen=True)
-class CronSchedule:
-    """A validated cron expression in a time zone; fires come back as aware UTC datetimes."""
-
-    expr: str
-    tz: ZoneInfo
-
-    @classmethod
-    def parse(cls, expr: str, tz_name: str | None = None) -> CronSchedule:
-        tz = resolve_timezone(tz_name)
-        if not isinstance(expr, str) or not expr.strip():
-            raise InvalidSchedule(f"an empty cron expression is not valid: {CRON_HINT}")
-        expr = " ".join(expr.split())
-        schedule = cls(expr, tz)
-        try:
-            schedule.next_after(datetime.now(UTC))
-        except InvalidSchedule:
-            raise
-        except Exception as exc:  # croniter raises ValueError subclasses and a few others
-            raise InvalidSchedule(f"{expr!r} is not a valid cron expression ({exc}): "
-                                  f"{CRON_HINT}") from None
-        return schedule
-
-    def _iter(self, start: datetime) -> Any:
-        from croniter import croniter
-
-        return croniter(self.expr, start.astimezone(self.tz))
-
-    def next_after(self, moment: datetime) -> datetime:
-        """The first fire strictly after `moment` (an aware datetime)."""
-        from croniter import CroniterBadDateError
-
-        try:
-            fire = self._iter(moment).get_next(datetime)
-        except CroniterBadDateError as exc:
-            raise InvalidSchedule(f"{self.expr!r} never fires ({exc})") from None
-        return fire.astimezone(UTC)
-
-    def latest_at_or_before(self, moment: datetime) -> datetime | None:
-        """The last fire at or before `moment`, or None if the expression never fired before."""
-        from croniter import CroniterBadDateError
-
-        probe = moment + timedelta(microseconds=1)
-        try:
-            fire = self._iter(probe).get_prev(datetime)
-        except (CroniterBadDateError, ValueError):
-            return None
-        fire = fire.astimezone(UTC)
-        return fire if fire <= moment else None
-
-    def fires_between(self, start: datetime, end: datetime, limit: int = 10_000) -> list[datetime]:
-        """Fires in (start, end], at most `limit` of them (for docs, tests and dry runs)."""
-        out: list[datetime] = []
-        it = self._iter(start)
-        while len(out) < limit:
-            fire = it.get_next(datetime).astimezone(UTC)
-            if fire > end:
-                break
-            out.append(fire)
-        return out
-
-
-# --------------------------------------------------------------------------- the beat's plan
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to do with one due schedule in one FIRE statement.
-
-    `expected` is the next_run_at that was read (the statement only applies if it is still
-    there: a compare-and-set that keeps two beats from acting on the same state); `fire` says
-    whether a tick is recorded for `scheduled_for`; `next_run_at` is written either way.
-    """
-
-    schedule_id: int
-    expected: datetime | None
-    fire: bool
-    scheduled_for: datetime | None
-    next_run_at: datetime
-    reason: str = "due"
-
-
-def plan(schedule_id: int, schedule: CronSchedule, next_run_at: datetime | None,
-         misfire_policy: str, now: datetime, grace_seconds: float) -> Plan:
-    """Decide what happens to a schedule whose next_run_at is due (or unset) at `now`.
-
-    - unset next_run_at: no fire, set it to the next fire after now;
-    - due by at most `grace_seconds`: fire it (``scheduled_for = next_run_at``) and move to the
-      fire after it - fires missed during a leader failover are caught up one by one;
-    - due by more (downtime): ``run_once`` fires once, for the most recent missed fire, and
-      ``skip`` fires nothing; both move next_run_at to the first fire after now.
-    """
-    if next_run_at is None:
-        return Plan(schedule_id, None, False, None, schedule.next_after(now), "initialised")
-    late = (now - next_run_at).total_seconds()
-    if late <= grace_seconds:
-        return Plan(schedule_id, next_run_at, True, next_run_at,
-                    schedule.next_after(next_run_at), "due")
-    latest = schedule.latest_at_or_before(now)
-    if latest is None or latest < next_run_at:
-        latest = next_run_at  # a "run now" time, or a schedule edited since
-    following = schedule.next_after(max(latest, now))
-    if misfire_policy == SKIP:
-        return Plan(schedule_id, next_run_at, False, None, following,
-                    f"misfire skipped: {late:.0f}s late")
-    return Plan(schedule_id, next_run_at, True, latest, following,
-                f"misfire run once: {late:.0f}s late")
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _task_problem(task_path: str) -> tuple[Any, str | None]:
-    """(the Task, None) or (None, a message saying what is wrong with `task_path`)."""
-    from django.tasks import Task, task_backends
-    from django.utils.module_loading import import_string
-
-    from .backend import ReproqBackend
-
-    if not isinstance(task_path, str) or "." not in task_path.strip():
-        return None, (f"{task_path!r} is not a dotted path: give the path of a function "
-                      "decorated with @task, e.g. myapp.tasks.cleanup")
-    try:
-        target = import_string(task_path.strip())
-    except Exception as exc:
-        return None, (f"{task_path!r} cannot be imported ({type(exc).__name__}: {exc}): give the "
-                      "dotted path of a function decorated with @task, e.g. myapp.tasks.cleanup")
-    if not isinstance(target, Task):
-        return None, f"{task_path!r} is not a task: decorate it with @task"
-    try:
-        backend = task_backends[target.backend]
-    except Exception as exc:
-        return None, f"{task_path!r} uses backend {target.backend!r}, which fails: {exc}"
-    if not isinstance(backend, ReproqBackend):
-        return None, (f"{task_path!r} uses backend {target.backend!r}, which is not a reproq "
-                      "backend; schedules run through reproq")
-    return target, None
-
-
-def validate_schedule(obj: PeriodicTask) -> None:
-    """Raise ValidationError (by field) if `obj` cannot be scheduled; used by clean() and save()."""
-    from . import payload
-    from .conf import QUEUE_NAME_RE
-
-    errors: dict[str, list[str]] = {}
-
-    def add(name: str, message: str) -> None:
-        errors.setdefault(name, []).append(message)
-
-    if not (obj.name or "").strip():
-        add("name", "give the schedule a name")
-    try:
-        resolve_timezone(obj.timezone)
-    except InvalidSchedule as exc:
-        add("timezone", str(exc))
-    else:
-        try:
-            CronSchedule.parse(obj.cron_expr, obj.timezone)
-        except InvalidSchedule as exc:
-            add("cron_expr", str(exc))
-    task, problem = _task_problem(obj.task_path)
-    if problem:
-        add("task_path", problem)
-    if not isinstance(obj.args, list):
-        add("args", f"must be a JSON array of positional arguments, got {obj.args!r}")
-    if not isinstance(obj.kwargs, dict):
-        add("kwargs", f"must be a JSON object of keyword arguments, got {obj.kwargs!r}")
-    if "args" not in errors and "kwargs" not in errors:
-        try:
-            payload.decode(obj.args, None)
-            payload.decode(obj.kwargs, None)
-            payload.dumps(obj.args, "args")
-            payload.dumps(obj.kwargs, "kwargs")
-        except Exception as exc:
-            add("args", f"the arguments are not in reproq's payload encoding: {exc}")
-    if not isinstance(obj.queue_name, str) or not QUEUE_NAME_RE.match(obj.queue_name):
-        add("queue_name", f"{obj.queue_name!r} is not a valid queue name: use 1-64 characters "
-                          "from letters, digits, _ . : -")
-    elif task is not None:
-        queues = task.get_backend().queues
-        if queues and obj.queue_name not in queues:
-            add("queue_name", f"queue {obj.queue_name!r} is not one of the backend's QUEUES "
-                              f"({', '.join(sorted(queues))})")
-    if (not isinstance(obj.priority, int) or isinstance(obj.priority, bool)
-            or not -100 <= obj.priority <= 100):
-        add("priority", f"must be an int from -100 to 100, got {obj.priority!r}")
-    if obj.max_attempts is not None and (not isinstance(obj.max_attempts, int)
-                                         or isinstance(obj.max_attempts, bool)
-                                         or obj.max_attempts < 1):
-        add("max_attempts", f"must be empty or a whole number >= 1, got {obj.max_attempts!r}")
-    if obj.misfire_policy not in MISFIRE_POLICIES:
-        add("misfire_policy", f"{obj.misfire_policy!r} is not one of {', '.join(MISFIRE_POLICIES)}")
-    if obj.overlap_policy not in OVERLAP_POLICIES:
-        add("overlap_policy", f"{obj.overlap_policy!r} is not one of {', '.join(OVERLAP_POLICIES)}")
-    if errors:
-        raise ValidationError(errors)
-
-
-def prepare_for_save(obj: PeriodicTask) -> None:
-    """Validate, fill the time zone, and compute next_run_at where it is unset or stale.
-
-    A due next_run_at (in the past) is never moved: the beat fires it. A future one is
-    recomputed when the cron expression or zone changed; a schedule enabled again after being
-    disabled starts from now instead of replaying the time it was off.
-    """
-    from django.utils import timezone
-
-    validate_schedule(obj)
-    obj.cron_expr = " ".join(obj.cron_expr.split())
-    obj.task_path = obj.task_path.strip()
-    if not obj.timezone:
-        obj.timezone = default_timezone_name()
-    schedule = CronSchedule.parse(obj.cron_expr, obj.timezone)
-    now = timezone.now()
-    if obj.next_run_at is None:
-        obj.next_run_at = schedule.next_after(now)
-        return
-    if obj.pk is None:
-        return
-    old = type(obj)._default_manager.filter(pk=obj.pk).values_list(
-        "cron_expr", "timezone", "enabled").first()
-    if old is None:
-        return
-    old_expr, old_tz, was_enabled = old
-    re_enabled = obj.enabled and not was_enabled and obj.next_run_at < now
-    changed = (old_expr, old_tz) != (obj.cron_expr, obj.timezone) and obj.next_run_at > now
-    if re_enabled or changed:
-        obj.next_run_at = schedule.next_after(now)
-
-
-# --------------------------------------------------------------------------- ORM helpers
-
-
-def run_now(schedules: Any) -> int:
-    """Make schedules fire at the beat's next look (sets next_run_at to now); returns the count.
-
-    Accepts a PeriodicTask, a name, or a queryset. Disabled schedules do not fire.
-    """
-    from django.utils import timezone
-
-    from .models import PeriodicTask
-
-    if isinstance(schedules, PeriodicTask):
-        schedules = PeriodicTask.objects.filter(pk=schedules.pk)
-    elif isinstance(schedules, str):
-        schedules = PeriodicTask.objects.filter(name=schedules)
-    return int(schedules.update(next_run_at=timezone.now()))
-
-
-def current_leader(using: str | None = None) -> Any:
-    """The worker row of the beat leader (`leader_since` set), or None."""
-    from .models import Worker
-
-    qs = Worker.objects.using(using) if using else Worker.objects
-    return qs.filter(leader_since__isnull=False).order_by("-leader_since").first()
-
-
-# --------------------------------------------------------------------------- @recurring
-
-
-@dataclass(frozen=True)
-class RecurringSpec:
-    """A schedule declared in code with `@recurring`."""
-
-    key: str
-    task_path: str
-    schedule: str
-    timezone: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    queue_name: str
-    priority: int
-    max_attempts: int | None
-    misfire_policy: str
-    overlap_policy: str
-    enabled: bool = True
-
-    def fields(self) -> dict[str, Any]:
-        return {
-            "cron_expr": self.schedule, "timezone": self.timezone, "task_path": self.task_path,
-            "args": self.args, "kwargs": self.kwargs, "queue_name": self.queue_name,
-            "priority": self.priority, "max_attempts": self.max_attempts,
-            "misfire_policy": self.misfire_policy, "overlap_policy": self.overlap_policy,
-            "enabled": self.enabled, "source": "code",
-        }
-
-
-_registry: dict[str, RecurringSpec] = {}
-
-
-def recurring(schedule: str, *, key: str | None = None, args: Iterable[Any] = (),
-              kwargs: dict[str, Any] | None = None, timezone: str | None = None,
-              queue_name: str | None = None, priority: int | None = None,
-              max_attempts: int | None = None, misfire: str = DEFAULT_MISFIRE,
-              overlap: str = DEFAULT_OVERLAP, enabled: bool = True) -> Any:
-    """Declare a cron schedule for a task; stack it above ``@task`` (several may be stacked)::
-
-        @recurring(schedule="0 3 * * *", key="nightly-report", kwargs={"full": True})
-        @task
-        def report(full=False): ...
-
-    `key` names the schedule (default: the task's path). Nothing is written until
-    ``manage.py reproq sync-recurring`` or ``migrate`` runs (see `sync_recurring`).
-    """
-    from . import payload
-
-    tz_name = timezone or default_timezone_name()
-    CronSchedule.parse(schedule, tz_name)  # raises InvalidSchedule with the reason
-    if misfire not in MISFIRE_POLICIES:
-        raise ValueError(f"misfire must be one of {MISFIRE_POLICIES}, got {misfire!r}")
-    if overlap not in OVERLAP_POLICIES:
-        raise ValueError(f"overlap must be one of {OVERLAP_POLICIES}, got {overlap!r}")
-    if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > 200):
-        raise ValueError(f"key must be a non-empty str of at most 200 characters, got {key!r}")
-    enc_args, enc_kwargs = payload.encode_call(list(args), dict(kwargs or {}))
-    payload.dumps(enc_args, "args")
-    payload.dumps(enc_kwargs, "kwargs")
-
-    def decorate(target: Any) -> Any:
-        from django.tasks import Task
-
-        if not isinstance(target, Task):
-            raise TypeError("@recurring goes above @task: it schedules a task, not a plain "
-                            "function")
-        spec = RecurringSpec(
-            key=key or target.module_path, task_path=target.module_path,
-            schedule=" ".join(schedule.split()), timezone=tz_name,
-            args=enc_args, kwargs=enc_kwargs,
-            queue_name=queue_name or target.queue_name,
-            priority=target.priority if priority is None else priority,
-            max_attempts=max_attempts, misfire_policy=misfire, overlap_policy=overlap,
-            enabled=enabled)
-        other = _registry.get(spec.key)
-        if other is not None and other.task_path != spec.task_path:
-            raise ValueError(f"recurring key {spec.key!r} is already used by "
-                             f"{other.task_path}; give each schedule its own key")
-        _registry[spec.key] = spec
-        return target
-
-    return decorate
-
-
-def registered() -> dict[str, RecurringSpec]:
-    """The schedules declared in code so far (imported modules only), by key."""
-    return dict(_registry)
-
-
-def unregister(key: str) -> None:
-    _registry.pop(key, None)
-
-
-@dataclass
-class SyncReport:
-    created: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    disabled: list[str] = field(default_factory=list)
-    conflicts: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        parts = [f"{len(self.created)} created", f"{len(self.updated)} updated",
-                 f"{len(self.unchanged)} unchanged", f"{len(self.disabled)} disabled"]
-        text = "recurring schedules: " + ", ".join(parts)
-        for name in self.disabled:
-            text += f"\n  disabled {name!r}: no longer declared with @recurring"
-        for message in self.conflicts:
-            text += f"\n  conflict: {message}"
-        return text
-
-
-def sync_recurring(using: str | None = None, *, discover: bool = True) -> SyncReport:
-    """Write the `@recurring` schedules to the database (one transaction).
-
-    New keys are created; changed ones updated (a due next_run_at is kept, so the fire still
-    happens; a future one follows the new expression); code schedules no longer declared are
-    disabled (their tick history is kept). A schedule created in the admin with the same name is
-    left alone and reported as a conflict.
-    """
-    from django.db import router, transaction
-    from django.utils.module_loading import autodiscover_modules
-
-    from .models import PeriodicTask
-
-    if discover:
-        autodiscover_modules("tasks")
-    db = using or router.db_for_write(PeriodicTask)
-    specs = registered()
-    report = SyncReport()
-    with transaction.atomic(using=db):
-        existing = {p.name: p for p in PeriodicTask.objects.using(db).select_for_update()
-                    .filter(name__in=list(specs))}
-        for key, spec in sorted(specs.items()):
-            obj = existing.get(key)
-            if obj is not None and obj.source != "code":
-                report.conflicts.append(f"{key!r} exists as a schedule made in the admin/ORM; "
-                                        "rename the @recurring key or delete that schedule")
-                continue
-            if obj is None:
-                obj = PeriodicTask(name=key, **spec.fields())
-                obj.save(using=db)
-                report.created.append(key)
-                continue
-            wanted = spec.fields()
-            changed = {k: v for k, v in wanted.items() if getattr(obj, k) != v}
-            if not changed:
-                report.unchanged.append(key)
-                continue
-            for k, v in changed.items():
-                setattr(obj, k, v)
-            obj.save(using=db)
-            report.updated.append(key)
-        stale = (PeriodicTask.objects.using(db).filter(source="code", enabled=True)
-                 .exclude(name__in=list(specs)))
-        report.disabled = sorted(stale.values_list("name", flat=True))
-        if report.disabled:
-            stale.update(enabled=False)
-    return report
-
-
-def sync_after_migrate(sender: Any = None, using: str = "default", verbosity: int = 1,
-                       stdout: Any = None, **kwargs: Any) -> None:
-    """post_migrate hook: sync `@recurring` schedules unless SYNC_RECURRING_ON_MIGRATE is off.
-
-    Problems are reported, never raised: a bad schedule must not break ``migrate``.
-    """
-    from django.db import connections
-    from django.tasks import task_backends
-
-    from .conf import current_runtime_settings
-
-    rs = current_runtime_settings()
-    if not rs.sync_recurring_on_migrate:
-        return
-    try:
-        database = task_backends[rs.backend].reproq_options.database
-    except Exception:
-        return
-    if using != database:
-        return
-    try:
-        if "reproq_periodic_tasks" not in connections[using].introspection.table_names():
-            return
-        report = sync_recurring(using)
-    except Exception as exc:
-        logger.error("reproq: syncing @recurring schedules after migrate failed: %s", exc)
-        if stdout is not None and verbosity:
-            stdout.write(f"reproq: syncing @recurring schedules failed: {exc}\n")
-        return
-    changed = report.created or report.updated or report.disabled or report.conflicts
-    if changed and stdout is not None and verbosity:
-        stdout.write(report.summary() + "\n")
+from .cron import (
+    ALLOW,
+    CRON_HINT,
+    DEFAULT_MISFIRE,
+    DEFAULT_OVERLAP,
+    MISFIRE_POLICIES,
+    OVERLAP_POLICIES,
+    RUN_ONCE,
+    SKIP,
+    CronSchedule,
+    InvalidSchedule,
+    Plan,
+    default_timezone_name,
+    plan,
+    resolve_timezone,
+)
+from .schedules import (
+    RecurringSpec,
+    SyncReport,
+    current_leader,
+    prepare_for_save,
+    recurring,
+    registered,
+    run_now,
+    sync_after_migrate,
+    sync_recurring,
+    unregister,
+    validate_schedule,
+)
+
+__all__ = [
+    "ALLOW",
+    "CRON_HINT",
+    "DEFAULT_MISFIRE",
+    "DEFAULT_OVERLAP",
+    "MISFIRE_POLICIES",
+    "OVERLAP_POLICIES",
+    "RUN_ONCE",
+    "SKIP",
+    "CronSchedule",
+    "InvalidSchedule",
+    "Plan",
+    "RecurringSpec",
+    "SyncReport",
+    "current_leader",
+    "default_timezone_name",
+    "plan",
+    "prepare_for_save",
+    "recurring",
+    "registered",
+    "resolve_timezone",
+    "run_now",
+    "sync_after_migrate",
+    "sync_recurring",
+    "unregister",
+    "validate_schedule",
+]

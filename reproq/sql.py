@@ -1,17 +1,60 @@
-"""Every hot-path SQL statement, named, in one place (enqueue, claim, heartbeat, reclaim, finish).
+"""reproq's SQL statements, in one place: enqueue, claim, complete, heartbeat, reclaim, release,
+promote/unblock, cancel, pause, events, pruning, metadata.
 
-Rules: each statement works on a whole batch (arrays in, rows out); none scans the table per
-task; NOTIFY is sent once per queue per statement (PostgreSQL folds duplicates within a
-transaction and delivers at COMMIT, so a rolled-back enqueue wakes nobody).
+Each public statement is a `Statement` (a `str` carrying its name, which
+`reproq.db.statement_counts` counts). Statements only one module runs live in that module and
+are named there with `name_statements`: the beat's (`reproq.runtime.beat`), the SSE hub's
+(`reproq.asgi.sse`), replay (`reproq.dashboard.ops`).
 
-Notification payloads on the ``reproq`` channel:
-  ``r:<queue>``   READY work appeared in <queue>
-  ``w:<epoch>``   a WAITING row becomes due at <epoch> (seconds)
-  ``c:<id>``      cancellation requested for run <id>
-  ``q:<queue>``   queue control changed (pause/resume)
+Rules for the hot path (enqueue, claim, complete, heartbeat, reclaim): each statement works on a
+whole batch (arrays in, rows out); none scans the table per task; NOTIFY is sent once per queue
+per statement (PostgreSQL folds duplicates within a transaction and delivers at COMMIT, so a
+rolled-back enqueue wakes nobody).
+
+Notification payloads on the ``reproq`` channel, ``<topic>:<value>`` (`reproq.runtime.ports.Topic`
+and its `decode` are the one reader):
+  ``r:<queue>``   READY work appeared in <queue> (enqueue, retry without delay, reclaim,
+                  release, promote, unblock, the beat's ticks, replay)
+  ``w:<epoch>``   a WAITING run becomes due at <epoch> (seconds since the epoch, fractional)
+  ``c:<id>``      cancellation requested for run <id>, which is RUNNING somewhere
+  ``q:<queue>``   <queue> was paused or resumed
+  ``e:<id>``      dashboard events were written, the newest being reproq_events id <id>
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, MutableMapping
+from typing import Any, Self
+
+
+class Statement(str):
+    """A named SQL statement: the text itself (a `str`, usable wherever one is) and the name
+    `reproq.db.statement_counts` counts it under (`name_of`).
+
+    Text derived from a statement (``+``, ``.replace``, ``.format``, f-strings) is a plain `str`
+    again, counted as ``'other'`` until it is named too.
+    """
+
+    name: str
+
+    def __new__(cls, text: str, name: str) -> Self:
+        statement = super().__new__(cls, text)
+        statement.name = name
+        return statement
+
+
+def name_statements(namespace: MutableMapping[str, Any], names: Iterable[str],
+                    prefix: str = "") -> None:
+    """Replace each text ``namespace[name]`` by a `Statement` called ``prefix + name``: how a
+    module that defines its own statements (the beat, the SSE hub, replay) names them."""
+    for name in names:
+        namespace[name] = Statement(namespace[name], prefix + name)
+
+
+def name_of(query: object) -> str:
+    """The name of a `Statement` (for statement counts), else 'other'."""
+    return query.name if isinstance(query, Statement) else "other"
+
 
 CHANNEL = "reproq"
 ACTIVE_SQL = "('READY', 'WAITING', 'RUNNING')"
@@ -465,8 +508,8 @@ def claim_fast(queues: tuple[str, ...], limit: int) -> str:
 
         queues_sql = Literal(list(key[0])).as_string().replace("%", "%%")  # not a placeholder
         text = CLAIM_FAST.replace("%(queues)s", queues_sql).replace("%(limit)s", str(key[1]))
+        text = Statement(text, "CLAIM")
         _CLAIM_FAST_TEXTS[key] = text
-        _NAMES[id(text)] = "CLAIM"
     return text
 
 # Record finished attempts of one worker in one statement. Rows whose lease this worker lost
@@ -792,12 +835,7 @@ WHERE id = %(id)s AND status = 'RUNNING'
 """
 
 
-def name_of(query: object) -> str:
-    """The name of a statement defined here (for statement counts), else 'other'."""
-    return _NAMES.get(id(query), "other")
-
-
-_FRAGMENTS = {"CHANNEL", "ACTIVE_SQL", "RUN_COLUMNS", "RESULT_COLUMNS"}
+_FRAGMENTS = {"CHANNEL", "ACTIVE_SQL", "PY_TIME_RANGE", "RUN_COLUMNS", "RESULT_COLUMNS"}
 
 
 def _compact(query: str) -> str:
@@ -808,10 +846,13 @@ def _compact(query: str) -> str:
 # psycopg caches the parsing of a statement's %(name)s placeholders only up to 4 KB of text
 # (psycopg._queries.MAX_CACHED_STATEMENT_LENGTH); longer ones are parsed again on every call,
 # which costs a claim or an enqueue about half a millisecond of CPU. Statements are compacted,
-# and the limit is raised where this psycopg version has it.
+# and the limit is raised where this psycopg version has it. Each public statement is a
+# `Statement` named after its constant, except CLAIM_FAST: either claim counts as a CLAIM.
 for _key, _value in list(globals().items()):
     if _key.isupper() and isinstance(_value, str) and _key not in _FRAGMENTS:
-        globals()[_key] = _compact(_value)
+        _text = _compact(_value)
+        globals()[_key] = _text if _key.startswith("_") else Statement(
+            _text, "CLAIM" if _key == "CLAIM_FAST" else _key)
 try:
     from psycopg import _queries as _psycopg_queries
 
@@ -819,6 +860,3 @@ try:
         _psycopg_queries.MAX_CACHED_STATEMENT_LENGTH = 16384
 except ImportError:  # pragma: no cover - a psycopg without this module parses every time
     pass
-
-_NAMES = {id(value): key for key, value in list(globals().items())
-          if key.isupper() and isinstance(value, str) and key not in _FRAGMENTS}

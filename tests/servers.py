@@ -161,6 +161,7 @@ def child_env(token: str, extra: dict[str, str] | None = None) -> dict[str, str]
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "REPROQ_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
         "REPROQ_AUTOSTART": "1",
+        "REPROQ_NOT_STARTED_WARNING_SECONDS": "30",  # the default (tests.settings: 0)
         "REPROQ_API_TOKEN": token,
         "PYTHONPATH": os.pathsep.join(pythonpath),
         "PYTHONUNBUFFERED": "1",

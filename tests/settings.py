@@ -59,6 +59,9 @@ REPROQ_RUNTIME = {
     "SHUTDOWN_GRACE_SECONDS": 3,
     # Runtimes started inside pytest leave its heap alone; servers the tests spawn turn it on.
     "GC_FREEZE": False,
+    # No "nothing started the runtime" timer in the test process (servers the tests spawn keep
+    # theirs: tests.servers.child_env).
+    "NOT_STARTED_WARNING_SECONDS": 0,
 }
 if pgbouncer.enabled():
     # Behind PgBouncer in transaction pooling mode (REPROQ_TEST_VIA_PGBOUNCER=1): reproq's one

@@ -152,3 +152,26 @@ def test_no_lazy_start_means_healthz_says_why():
     conf.reset_cache()
     assert status == 503
     assert b"runtime not-started" in payload
+
+
+def test_not_started_warning_is_logged_when_nothing_starts_the_runtime_and_0_turns_it_off(
+        settings, caplog, monkeypatch):
+    import importlib
+    import logging
+    import time
+
+    module = importlib.import_module("reproq.asgi.lifespan")  # `lifespan` is also a function
+    monkeypatch.setattr(module, "_watchdog_started", False)
+    settings.REPROQ_RUNTIME = {**settings.REPROQ_RUNTIME, "NOT_STARTED_WARNING_SECONDS": 0}
+    module._start_watchdog()
+    assert not module._watchdog_started  # off: no timer
+
+    settings.REPROQ_RUNTIME = {**settings.REPROQ_RUNTIME, "NOT_STARTED_WARNING_SECONDS": 0.05}
+    with caplog.at_level(logging.ERROR, logger="reproq"):
+        module._start_watchdog()
+        assert module._watchdog_started
+        for _ in range(100):
+            if "has not started" in caplog.text:
+                break
+            time.sleep(0.02)
+    assert "the runtime has not started 0s after the ASGI app was loaded" in caplog.text

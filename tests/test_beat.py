@@ -702,10 +702,10 @@ def test_standalone_beat_command_leads_and_once_defers_to_it(servers, leader):
 
 
 def test_three_runtimes_failover_every_tick_once(servers, leader):
-    """Three worker processes, one leader; every ~18 s the leader is SIGKILLed, loses its lock
+    """Three worker processes, one leader; every ~8 s the leader is SIGKILLed, loses its lock
     connection to pg_terminate_backend (advisory only: the lease has no connection of its
-    own), or hangs (SIGSTOP). Over 100+ seconds-resolution ticks every tick is enqueued exactly
-    once. Advisory: a standby takes over within LEADER_TIMEOUT_SECONDS (3 s) - a hung leader's
+    own), or hangs (SIGSTOP). Over the seconds-resolution ticks of all these failovers (40 at
+    least) every tick is enqueued exactly once. Advisory: a standby takes over within LEADER_TIMEOUT_SECONDS (3 s) - a hung leader's
     session is ended by the server's idle_session_timeout. Lease: a dead or hung leader's lease
     runs out after LEADER_TIMEOUT_SECONDS, a standby takes it at its next try. Once resumed, a
     hung leader gives up leadership by its local trust deadline."""
@@ -744,9 +744,9 @@ def test_three_runtimes_failover_every_tick_once(servers, leader):
     kinds = (["SIGKILL", "pg_terminate_backend", "SIGSTOP", "SIGKILL", "pg_terminate_backend"]
              if leader == "advisory" else ["SIGKILL", "SIGSTOP", "SIGKILL", "SIGSTOP"])
     kinds_tried = list(kinds)
-    next_kill = time.monotonic() + 12
+    next_kill = time.monotonic() + 6
     deadline = time.monotonic() + 150
-    while ScheduleTick.objects.filter(schedule=s).count() < 102:
+    while kinds or ScheduleTick.objects.filter(schedule=s).count() < 40:
         assert time.monotonic() < deadline, servers.logs()
         if kinds and time.monotonic() >= next_kill:
             kind = kinds.pop(0)
@@ -775,7 +775,7 @@ def test_three_runtimes_failover_every_tick_once(servers, leader):
                 assert holder()["token"] == new["token"]
             wait_until(one_leader, timeout=5, what="one leader after failover",
                        describe=servers.logs)
-            next_kill = time.monotonic() + 18
+            next_kill = time.monotonic() + 8
         time.sleep(0.1)
     PeriodicTask.objects.filter(pk=s.pk).update(enabled=False)
     time.sleep(1.5)  # a fire in flight when the schedule was disabled lands now
@@ -784,7 +784,7 @@ def test_three_runtimes_failover_every_tick_once(servers, leader):
     expected = [first_fire + timedelta(seconds=i) for i in range(len(got))]
     missing = sorted(set(expected) - set(got))
     assert got == expected, f"missing {missing[:10]}, {len(got)} ticks\n{servers.logs()}"
-    assert len(got) >= 100
+    assert len(got) >= 40
     runs = runs_of(s)
     labels = [r.metadata["scheduled_for"] for r in runs]
     assert sorted(labels) == [g.isoformat() for g in got]  # one run per tick, none doubled

@@ -22,6 +22,17 @@ from tests.runtime_helpers import run_with_runtime, wait_for
 from tests.servers import Servers, wait_for_status
 from tests.testapp import tasks
 
+
+@pytest.fixture(autouse=True)
+def runtime_metrics():
+    """What a process does where it gets its runtime (reproq.asgi.lifespan, the worker command):
+    its runs feed the per-process instruments."""
+    from reproq.asgi import metrics
+
+    uninstall = metrics.install()
+    yield
+    uninstall()
+
 TOKEN = "metrics-token-0123456789"
 ADD = "tests.testapp.tasks.add"
 BOOM = "tests.testapp.tasks.boom"

@@ -4,6 +4,7 @@ poll-only notifier that needs no LISTEN at all."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from pathlib import Path
 
@@ -84,7 +85,7 @@ async def _listen_backends(app_prefix: str) -> list[str]:
     try:
         cur = await conn.execute(
             "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name LIKE %s AND pid <> pg_backend_pid()", [app_prefix + "%"])
+            "AND application_name LIKE %s AND pid <> pg_backend_pid()", [app_prefix[:63] + "%"])
         return [r["query"] for r in await cur.fetchall()]
     finally:
         await conn.close()
@@ -98,7 +99,7 @@ def test_poll_only_mode_runs_tasks_with_no_listen_connection():
         done = await wait_for(run.id, timeout=10)
         later = await tasks.add.aenqueue(1, 1)  # claimed on a poll tick: no NOTIFY heard
         again = await wait_for(later.id, timeout=10)
-        return rt, done, again, await _listen_backends("reproq-listen-")
+        return rt, done, again, await _listen_backends(f"reproq-listen-{rt.worker_id}")
 
     rt, done, again, backends = run_with_runtime(body, listen=False, poll_interval_seconds=0.2,
                                                  poll_fallback_seconds=300)
@@ -120,7 +121,11 @@ def test_the_runtime_and_the_dashboard_hub_share_one_listen_connection():
         try:
             await rt.notifier.wait_connected()
             await asyncio.sleep(0.2)
-            return (await _listen_backends("reproq-listen-"), await _listen_backends("reproq-sse-"),
+            # this process's LISTEN connections: the runtime's (named after its worker) and
+            # any the hub would have opened itself (named after the pid, or reproq-sse-)
+            mine = (await _listen_backends(f"reproq-listen-{rt.worker_id}")
+                    + await _listen_backends(f"reproq-listen-{os.getpid()}"))
+            return (mine, await _listen_backends(f"reproq-sse-{os.getpid()}"),
                     [n.status() for n in notifiers.running()])
         finally:
             hub.unsubscribe(sub)

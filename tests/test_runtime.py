@@ -13,6 +13,7 @@ from django.tasks.signals import task_finished, task_started
 from django.utils import timezone
 
 from reproq import db, sql
+from reproq.exceptions import LeaseExpired
 from reproq.models import TaskRun
 from tests.runtime_helpers import run_with_runtime, wait_for
 from tests.servers import expect_listeners
@@ -353,6 +354,7 @@ def test_reclaim_requeues_or_fails_expired_leases():
     retried, spent = run_with_runtime(body)
     assert retried.raw_status == "SUCCESSFUL" and retried.attempts == 2
     assert retried.errors[0].exception_class_path == "reproq.exceptions.LeaseExpired"
+    assert retried.errors[0].exception_class is LeaseExpired  # the stored path imports
     assert spent.raw_status == "FAILED" and spent.status_reason == "lease expired"
 
 
@@ -434,3 +436,52 @@ def test_pool_connections_are_psycopg():
     assert issubclass(db.CountingConnection, psycopg.AsyncConnection)
     assert sql.name_of(sql.CLAIM) == "CLAIM"
     assert connection.vendor == "postgresql"
+
+
+def test_run_observers_hear_claims_and_finished_attempts_and_one_that_raises_breaks_nothing():
+    from reproq.runtime import observers
+
+    heard: list[tuple] = []
+
+    class Recorder:
+        def claimed(self, source, rows):
+            heard.append(("claimed", source.worker_id, [r["status"] for r in rows]))
+
+        def finished(self, source, completion):
+            heard.append(("finished", source.worker_id, completion.status, completion.id))
+
+    class Broken:
+        def claimed(self, source, rows):
+            raise RuntimeError("observer bug")
+
+        def finished(self, source, completion):
+            raise RuntimeError("observer bug")
+
+    removals = [observers.register(Broken()), observers.register(Recorder())]
+    try:
+        async def body(rt):
+            r = await tasks.add.aenqueue(2, 3)
+            return rt.worker_id, await wait_for(r.id)
+
+        worker, done = run_with_runtime(body)
+    finally:
+        for remove in removals:
+            remove()
+    assert done.raw_status == "SUCCESSFUL" and done.return_value == 5
+    assert any(h[:2] == ("claimed", worker) and "RUNNING" in h[2] for h in heard), heard
+    assert ("finished", worker, "SUCCESSFUL", int(done.id)) in heard
+
+
+def test_statements_carry_their_names_and_derived_text_counts_as_other():
+    from reproq.asgi import sse
+    from reproq.dashboard import ops
+    from reproq.runtime import beat
+
+    assert [sql.name_of(s) for s in (sql.CLAIM, sql.CLAIM_FAST, sql.RECLAIM, beat.BEAT_FIRE,
+                                     sse.FETCH, ops.REPLAY)] == [
+        "CLAIM", "CLAIM", "RECLAIM", "BEAT_FIRE", "SSE_FETCH", "REPLAY"]
+    # the name belongs to the object, not to its text or its address
+    assert sql.name_of(str(sql.RECLAIM)) == sql.name_of(sql.RECLAIM + " ") == "other"
+    assert sql.name_of("".join(sql.RECLAIM)) == "other"
+    assert str(sql.RECLAIM) == sql.RECLAIM and isinstance(sql.RECLAIM, str)
+    assert sql.name_of(None) == sql.name_of(b"RECLAIM") == "other"

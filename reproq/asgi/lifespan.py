@@ -36,11 +36,14 @@ class ReproqLifespan:
         self._autostart = autostart
         self._warned = False
         self._shutdown = False
+        from .metrics import install
+
+        install()  # whichever trigger starts the runtime here, its runs feed the metrics
         if self.autostart:
-            from . import daphne
+            from .daphne import install_reactor_hooks
 
             if "daphne.server" in sys.modules:
-                daphne.install_reactor_hooks()
+                install_reactor_hooks()
             _start_watchdog()
 
     @property
@@ -86,9 +89,9 @@ class ReproqLifespan:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                from . import sse
+                from .sse import reset_shutdown
 
-                sse.reset_shutdown()
+                reset_shutdown()
                 if self.autostart:
                     try:
                         await host.start("lifespan")
@@ -100,9 +103,9 @@ class ReproqLifespan:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self._shutdown = True
-                from . import sse
+                from .sse import request_shutdown
 
-                sse.request_shutdown()  # end open event streams before the runtime stops
+                request_shutdown()  # end open event streams before the runtime stops
                 try:
                     await host.stop()
                 except Exception:
@@ -141,14 +144,17 @@ _watchdog_started = False
 
 
 def _start_watchdog() -> None:
-    """Log an error if no trigger started the runtime within NOT_STARTED_WARNING_SECONDS."""
+    """Log an error if no trigger started the runtime within NOT_STARTED_WARNING_SECONDS
+    (0: no watchdog; the test settings turn it off)."""
     global _watchdog_started
-    if _watchdog_started or "pytest" in sys.modules:
+    if _watchdog_started:
         return
-    _watchdog_started = True
     from ..conf import current_runtime_settings
 
     delay = current_runtime_settings().not_started_warning_seconds
+    if not delay:
+        return
+    _watchdog_started = True
 
     def check() -> None:
         if host.current() is None and not host.stopping():

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from django.http import HttpRequest, HttpResponse
@@ -39,10 +39,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder, generate_latest
 
 from ..access import staff_or_token
+from ..runtime import observers
 
 if TYPE_CHECKING:
+    from ..runtime.observers import Source
     from ..runtime.outcome import Completion
-    from ..runtime.runtime import Runtime
 
 logger = logging.getLogger("reproq.metrics")
 
@@ -118,8 +119,8 @@ def _child(metric: Any, limit: int, queue: str, task: str | None, *rest: str) ->
     return child
 
 
-def record_claimed(runtime: Runtime, rows: list[dict[str, Any]]) -> None:
-    """Called by the runtime with every claim's rows: queue wait of started attempts."""
+def record_claimed(runtime: Source, rows: list[dict[str, Any]]) -> None:
+    """Every claim's rows (through `reproq.runtime.observers`): queue wait of started attempts."""
     worker = runtime.worker_id
     limit = runtime.settings.metrics_max_label_values
     for row in rows:
@@ -132,8 +133,8 @@ def record_claimed(runtime: Runtime, rows: list[dict[str, Any]]) -> None:
             _child(TASKS, limit, row["queue_name"], row["task_path"], "expired", worker).inc()
 
 
-def record_completion(runtime: Runtime, completion: Completion) -> None:
-    """Called by the runtime for every finished attempt."""
+def record_completion(runtime: Source, completion: Completion) -> None:
+    """Every finished attempt (through `reproq.runtime.observers`)."""
     outcome = OUTCOMES.get(completion.status) or completion.status.lower()
     worker = runtime.worker_id
     limit = runtime.settings.metrics_max_label_values
@@ -141,6 +142,29 @@ def record_completion(runtime: Runtime, completion: Completion) -> None:
     if outcome != "expired":
         _child(RUN_DURATION, limit, completion.queue_name, completion.task_path,
                worker).observe(max(completion.duration, 0.0))
+
+
+class RuntimeMetrics:
+    """The run observer feeding the per-process instruments (`reproq.runtime.observers`)."""
+
+    def claimed(self, source: Source, rows: list[dict[str, Any]]) -> None:
+        record_claimed(source, rows)
+
+    def finished(self, source: Source, completion: Completion) -> None:
+        record_completion(source, completion)
+
+    def __repr__(self) -> str:
+        return "reproq.asgi.metrics.OBSERVER"
+
+
+OBSERVER = RuntimeMetrics()
+
+
+def install() -> Callable[[], None]:
+    """Feed this process's runtime into the per-process instruments (idempotent; returns the
+    removal). Called where a process gets its runtime: `reproq.asgi.lifespan` (every ASGI
+    trigger) and ``manage.py reproq worker``."""
+    return observers.register(OBSERVER)
 
 
 def capped_queues(queues: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
@@ -267,7 +291,7 @@ class ProcessCollector:
     def collect(self) -> Iterator[Metric]:
         from .. import db
         from ..runtime import host
-        from . import sse
+        from .sse import hubs as open_hubs
 
         rt = host.current()
         worker = rt.worker_id if rt is not None else f"pid-{os.getpid()}"
@@ -296,7 +320,7 @@ class ProcessCollector:
                 pools.add_metric([worker, pool.name, "waiting"], st.get("requests_waiting", 0))
                 pools.add_metric([worker, pool.name, "max"], pool.max_size)
         yield pools
-        hubs = sse.hubs()
+        hubs = open_hubs()
         yield GaugeMetricFamily("reproq_sse_clients", "Open event streams in the process that "
                                 "answered", value=sum(len(h.subscribers) for h in hubs))
         buffered = [n for h in hubs for n in h.buffered()]

@@ -116,8 +116,7 @@ ORDER BY e.id
 LIMIT %(limit)s
 """
 LAST_ID = "SELECT coalesce(max(id), 0) AS last FROM reproq_events"
-for _name in ("FETCH", "REPLAY", "LAST_ID"):
-    sql._NAMES[id(globals()[_name])] = f"SSE_{_name}"
+sql.name_statements(globals(), ("FETCH", "REPLAY", "LAST_ID"), prefix="SSE_")
 
 
 # --------------------------------------------------------------------------- shutdown flag

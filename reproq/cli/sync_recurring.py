@@ -23,7 +23,7 @@ def handle(command: BaseCommand, **options: Any) -> None:
     from django.conf import settings
     from django.core.exceptions import ValidationError
 
-    from ..recurring import sync_recurring
+    from ..schedules import sync_recurring
 
     database = options.get("database")
     if database is not None and database not in settings.DATABASES:

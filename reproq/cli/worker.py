@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def handle(command: BaseCommand, **options: Any) -> None:
+    from ..asgi.metrics import install as install_metrics
     from ..runtime import host
     from ..runtime.runtime import build_settings
 
@@ -53,6 +54,8 @@ def handle(command: BaseCommand, **options: Any) -> None:
         build_settings(overrides)
     except Exception as exc:
         raise CommandError(str(exc)) from exc
+
+    install_metrics()  # its runs count in the per-process metrics (PROMETHEUS_MULTIPROC_DIR)
 
     async def main() -> None:
         runtime = await host.start("worker", overrides=overrides, server="worker")

@@ -67,7 +67,7 @@ SELECT (SELECT count(*) FROM src) AS selected, ins.id, ins.parent_id,
 FROM (SELECT 1) one LEFT JOIN ins ON true
 ORDER BY ins.parent_id
 """
-sql._NAMES[id(REPLAY)] = "REPLAY"
+sql.name_statements(globals(), ("REPLAY",))
 
 
 @dataclass

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('reproq', '0006_limits_positive'),
+        ('reproq', '0006_limits_nonnegative'),
     ]
 
     operations = [

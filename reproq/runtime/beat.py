@@ -33,7 +33,7 @@ import anyio
 import psycopg
 
 from .. import db, sql
-from ..recurring import CronSchedule, InvalidSchedule, Plan, plan
+from ..cron import CronSchedule, InvalidSchedule, Plan, plan
 from .ports import NotLeader
 
 if TYPE_CHECKING:
@@ -148,8 +148,7 @@ LEFT JOIN tick t ON t.schedule_id = i.schedule_id
 """
 
 # Name the statements for `reproq.db.statement_counts` (the names live in `reproq.sql`).
-for _name in ("BEAT_POLL", "BEAT_FIRE"):
-    sql._NAMES[id(globals()[_name])] = _name
+sql.name_statements(globals(), ("BEAT_POLL", "BEAT_FIRE"))
 
 
 class RunOptions:

@@ -1,8 +1,9 @@
 """Claims due rows for this process's queues, as many as there are free slots, one statement each.
 
 It claims again as soon as a slot frees up while it keeps filling every free slot (more work is
-likely waiting), and otherwise sleeps until the listener wakes it (NOTIFY), or the fallback timer
-fires (missed notifications, poll-only mode). When fewer than half the slots are free and runs
+likely waiting), and otherwise sleeps until the notifier wakes it (a ``r:``/``q:`` notification,
+or every POLL_INTERVAL_SECONDS in poll-only mode: `reproq.runtime.notifier`), or the fallback
+timer fires (missed notifications). When fewer than half the slots are free and runs
 are still going, it first gives them up to COALESCE_SECONDS to free more, so that one claim fills
 several slots. When its claim passed over READY rows locked by another statement, it looks again
 shortly (see `reproq.sql.CLAIM`): their lock holder may leave them READY without announcing
@@ -38,9 +39,6 @@ RECHECK_FIRST = 0.05  # seconds before claiming again after passing over locked 
 RECHECK_MAX = 1.0
 FULL_CLAIM_SECONDS = 5.0  # after a fast claim passed over flow-controlled rows
 COALESCE_SECONDS = 0.002  # longest wait for more slots to free before a small claim
-
-# Either claim statement counts as a CLAIM in `reproq.db.statement_counts`.
-sql._NAMES[id(sql.CLAIM_FAST)] = "CLAIM"
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -33,6 +33,14 @@ logger = logging.getLogger("reproq.runtime")
 MAX_BATCH = 1000
 
 
+class UnstorableOutcome(Exception):
+    """Recorded, never raised: PostgreSQL refused to store an attempt's outcome (`unstorable`).
+
+    The attempt is then recorded as FAILED with this class as its ``exception_class_path``
+    and, as its traceback, only reproq's own text (the SQLSTATE and primary message).
+    """
+
+
 class Completer:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime

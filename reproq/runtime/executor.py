@@ -19,7 +19,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any
@@ -534,6 +533,3 @@ def _decode_in_thread(row: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         return decode_call(row)
     finally:
         close_old_connections()
-
-
-Decoder = Callable[[dict[str, Any]], tuple[list[Any], dict[str, Any]]]

@@ -23,7 +23,7 @@ frees or after ``YIELD_MAX_WAIT_SECONDS``: the event loop then runs a few tasks 
 requests instead of a whole batch, and a backlog is drained at a pace that leaves the cores
 some room. Long-running tasks still reach full concurrency, a bite at a time.
 
-Running tasks, result writes, heartbeats and the listener are never held back: only the start
+Running tasks, result writes, heartbeats and the notifier are never held back: only the start
 of new work is. Setting ``YIELD_TO_REQUESTS`` to False turns the gate off (wait() returns at
 once, the count is still kept).
 """

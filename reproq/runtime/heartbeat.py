@@ -17,7 +17,6 @@ the others were reclaimed meanwhile.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -127,7 +126,3 @@ class Heartbeat:
                 with anyio.move_on_after(self.runtime.settings.heartbeat_seconds):
                     await self._wake.wait()
                 self._wake = anyio.Event()
-
-
-def queues_json(queues: tuple[str, ...]) -> str:
-    return json.dumps(list(queues))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,7 +30,6 @@ class Completion:
     reason: str = ""
     metadata: str | None = None  # JSON text, None = unchanged
     duration: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -224,9 +224,9 @@ SELECT EXISTS (SELECT 1 FROM reproq_leaders WHERE name = %(name)s AND expires_at
 """
 
 # Name the statements for `reproq.db.statement_counts` (the names live in `reproq.sql`).
-for _name in ("TRY_LOCK", "MARK_LEADER", "PEER_CHECK", "RESIGN", "LOCK_HOLDER", "LEASE_ELECT",
-              "LEASE_RENEW", "LEASE_FENCE", "LEASE_RESIGN", "LEASE_HOLDER", "LEADER_ALIVE"):
-    sql._NAMES[id(globals()[_name])] = _name
+sql.name_statements(globals(), ("TRY_LOCK", "MARK_LEADER", "PEER_CHECK", "RESIGN", "LOCK_HOLDER",
+                                "LEASE_ELECT", "LEASE_RENEW", "LEASE_FENCE", "LEASE_RESIGN",
+                                "LEASE_HOLDER", "LEADER_ALIVE"))
 
 
 def lock_key(database_name: str) -> int:

@@ -1,13 +1,20 @@
 """`Runtime`: one supervised anyio task group per process running every reproq service.
 
-Services (claimer, promoter, completer, heartbeat, reclaim, and with ``BEAT`` on the peer and
-the beat) are each supervised: a crash is logged, counted and restarted with backoff, and never
-reaches the web server. The runtime owns one `Peer` (leadership, ``LEADER``) and hands it to the
-beat (fires only while leading) and, through a `MaintenanceTurn`, to the reclaim service
-(maintenance on the leader only, with a fallback when no leader exists for a while). Jobs run
-in a second task group so that shutdown can stop claiming, wait for running jobs up to the grace
-period, cancel the rest and put them back to READY without burning an attempt, flush results,
-and remove the worker row.
+Services, each supervised (a crash is logged, counted and restarted with backoff, and never
+reaches the web server): heartbeat, completer, reclaim, promoter, events (`EventPublisher`),
+claimer and, with BEAT on, the peer (leadership, ``LEADER``) and the beat. The runtime owns one
+`Peer` and hands it to the beat (fires only while leading) and, through a `MaintenanceTurn`, to
+the reclaim service (maintenance on the leader only, with a fallback when no leader exists for
+a while). Notifications are not a service of the runtime: it subscribes to the process's shared
+notifier (`reproq.runtime.notifier`: one LISTEN connection, or a timer in poll-only mode), which
+the dashboard's SSE hub shares. Sync tasks of PROCESS_QUEUES run in child processes
+(`reproq.runtime.processes`).
+
+Each attempt is an asyncio task of its own (`Executor`), outside the services' task group, so
+that shutdown can stop claiming, wait for running attempts up to the grace period, cancel the
+rest and put them back to READY without burning an attempt, flush results, and remove the
+worker row. Claims and finished attempts are published to the run observers
+(`reproq.runtime.observers`; the Prometheus metrics are one).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from .. import db, sql
 from ..backend import ReproqBackend
 from ..conf import RuntimeSettings, load_runtime_settings, parse_backend_options
 from . import notifier as notifiers
+from . import observers
 from .beat import Beat
 from .claimer import Claimer
 from .completer import Completer
@@ -44,18 +52,6 @@ from .registry import WorkerIdentity, detect_server, make_worker_id
 
 logger = logging.getLogger("reproq.runtime")
 
-
-_METRICS: Any = None
-
-
-def _metrics() -> Any:
-    """reproq.asgi.metrics, imported on first use (it imports prometheus_client)."""
-    global _METRICS
-    if _METRICS is None:
-        from ..asgi import metrics
-
-        _METRICS = metrics
-    return _METRICS
 # Runs whose sync thread is still busy at shutdown come back this long after release: the
 # process (and its daemon threads) is gone by then, so the run never executes twice at once.
 THREAD_EXIT_MARGIN_SECONDS = 5.0
@@ -153,12 +149,12 @@ class Runtime:
                 self.outcomes["EXPIRED"] += 1
             else:
                 self.outcomes["deferred"] += 1
-        _metrics().record_claimed(self, rows)
+        observers.claimed(self, rows)
 
     def observe(self, completion: Completion) -> None:
         self.outcomes[completion.status] += 1
         self.events.finished(completion)
-        _metrics().record_completion(self, completion)
+        observers.finished(self, completion)
 
     def leadership_changed(self, leading: bool) -> None:
         """Publish a 'leader_changed' event when this process gains or loses leadership (a

@@ -27,7 +27,7 @@ from tests.fuzz.strategies import batches, json_values, markers, nested, text
 FINAL = ("SUCCESSFUL", "FAILED", "CANCELLED", "EXPIRED")
 QUEUES = ("default", "emails", "reports", "other")  # every queue the test runtime serves
 WAIT_SECONDS = 20.0
-ROWS_PER_EXAMPLE = 25
+ROWS_PER_EXAMPLE = 100  # ~1,000 hand-written rows in 10 batches (each batch waits for its runs)
 GOOD_PER_EXAMPLE = 5
 
 COLUMNS = ("backend_alias", "task_path", "queue_name", "priority", "status", "sort_key", "args",
@@ -83,7 +83,8 @@ def hand_row(draw: Any) -> dict[str, Any]:
                          "tests..testapp", "reproq.payload.encode"]),
         st.from_regex(r"\Azz_fuzz_[a-z]{1,8}(\.[a-z_]{1,8}){0,3}\Z"),
         PG_TEXT.filter(lambda t: "." not in t)))
-    # (limits below 1 PostgreSQL refuses: reproq_runs_sem_limit_positive, see test_poison_rows)
+    # (a limit of 0 holds its runs back by design; PostgreSQL refuses negative ones:
+    # reproq_runs_sem_limit_nonnegative, see test_poison_rows)
     sem = draw(st.sampled_from([(None, None), ("c:fuzz", 1), ("c:fuzz", 3), ("l:fuzz", 1)]))
     return {
         "backend_alias": draw(st.one_of(st.just("default"), PG_TEXT.map(lambda t: t[:64]))),
