@@ -9,6 +9,20 @@ import pytest
 
 
 @pytest.fixture
+def servers(tmp_path: Any) -> Iterator[Any]:
+    """Real ASGI servers and commands on loopback (tests.servers.Servers), stopped at the end;
+    their logs are printed (pytest shows them when the test failed)."""
+    from tests.servers import Servers
+
+    harness = Servers(tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.close()
+        print(harness.logs())
+
+
+@pytest.fixture
 def cluster(tmp_path: Any) -> Iterator[Any]:
     """`manage.py reproq worker` processes on the test database (tests.test_flow.Cluster),
     stopped at the end; their logs are printed (pytest shows them when the test failed)."""

@@ -354,16 +354,6 @@ def _start(servers, server: str, env: dict[str, str], extra_args=()):
     return srv
 
 
-@pytest.fixture
-def servers(tmp_path):
-    from tests.servers import Servers
-
-    harness = Servers(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
-        print(harness.logs())
 
 
 def _get(srv, token: str, forwarded: str | None = None) -> int:

@@ -42,7 +42,7 @@ from tests.beat_helpers import (
     wait_holder,
 )
 from tests.runtime_helpers import run_with_runtime, wait_for
-from tests.servers import REPO_ROOT, Servers, child_env, wait_until
+from tests.servers import REPO_ROOT, child_env, wait_until
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -66,11 +66,6 @@ def _report(key: str, value: object) -> None:
     REPORT.write_text(json.dumps(data, indent=2, default=str))
 
 
-@pytest.fixture
-def servers(tmp_path):
-    s = Servers(tmp_path)
-    yield s
-    s.close()
 
 
 @pytest.fixture(params=["advisory", "lease"])
@@ -705,7 +700,8 @@ def test_three_runtimes_failover_every_tick_once(servers, leader):
     """Three worker processes, one leader; every ~8 s the leader is SIGKILLed, loses its lock
     connection to pg_terminate_backend (advisory only: the lease has no connection of its
     own), or hangs (SIGSTOP). Over the seconds-resolution ticks of all these failovers (40 at
-    least) every tick is enqueued exactly once. Advisory: a standby takes over within LEADER_TIMEOUT_SECONDS (3 s) - a hung leader's
+    least) every tick is enqueued exactly once. Advisory: a standby takes over within
+    LEADER_TIMEOUT_SECONDS (3 s) - a hung leader's
     session is ended by the server's idle_session_timeout. Lease: a dead or hung leader's lease
     runs out after LEADER_TIMEOUT_SECONDS, a standby takes it at its next try. Once resumed, a
     hung leader gives up leadership by its local trust deadline."""

@@ -412,14 +412,6 @@ def test_hub_bounds_each_client_in_bytes_filters_and_delivers_late_rows_without_
 # --------------------------------------------------------------------------- SSE (servers)
 
 
-@pytest.fixture
-def servers(tmp_path):
-    harness = Servers(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
-        print(harness.logs())
 
 
 def start_web(servers: Servers, env: dict[str, str]):

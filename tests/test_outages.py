@@ -62,14 +62,6 @@ def db(pg: OwnPostgres) -> Iterator[OwnPostgres]:
         pg.start()
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    harness = Servers(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
-        print(harness.logs())
 
 
 # --------------------------------------------------------------------------- helpers

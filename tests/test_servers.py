@@ -17,7 +17,6 @@ from django.db import connection
 
 from reproq.models import TaskRun, Worker
 from tests.servers import (
-    Servers,
     listener_backends,
     listening,
     run_command,
@@ -33,15 +32,6 @@ pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 NOTIFY_ONLY = {"REPROQ_POLL_FALLBACK_SECONDS": "300"}
 
 
-@pytest.fixture
-def servers(tmp_path):
-    harness = Servers(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
-        # Shown by pytest only when the test failed.
-        print(harness.logs())
 
 
 # --------------------------------------------------------------------------- every server

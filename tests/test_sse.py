@@ -18,7 +18,7 @@ from django.db import connection
 from django.test import Client
 
 from tests.dashboard_helpers import staff_user
-from tests.servers import Servers, wait_until
+from tests.servers import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -29,14 +29,6 @@ STOP_SIGNAL = {"uvicorn": signal.SIGTERM, "hypercorn": signal.SIGTERM,
 PROCESSES = {"gunicorn": 2}
 
 
-@pytest.fixture
-def servers(tmp_path):
-    harness = Servers(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
-        print(harness.logs())
 
 
 class RawStream:
