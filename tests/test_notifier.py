@@ -121,17 +121,16 @@ def test_the_runtime_and_the_dashboard_hub_share_one_listen_connection():
         try:
             await rt.notifier.wait_connected()
             await asyncio.sleep(0.2)
-            # this process's LISTEN connections: the runtime's (named after its worker) and
-            # any the hub would have opened itself (named after the pid, or reproq-sse-)
-            mine = (await _listen_backends(f"reproq-listen-{rt.worker_id}")
-                    + await _listen_backends(f"reproq-listen-{os.getpid()}"))
-            return (mine, await _listen_backends(f"reproq-sse-{os.getpid()}"),
-                    [n.status() for n in notifiers.running()])
+            # the runtime's LISTEN connection (named after its worker), and any the hub would
+            # have opened itself (reproq-sse-<pid>); the loop runs one notifier, the runtime's
+            return (await _listen_backends(f"reproq-listen-{rt.worker_id}"),
+                    await _listen_backends(f"reproq-sse-{os.getpid()}"),
+                    [n.status() for n in notifiers.running()], rt.notifier.status())
         finally:
             hub.unsubscribe(sub)
             await sse.close_hub()
 
-    listen, sse_own, running = run_with_runtime(body)
+    listen, sse_own, running, runtimes = run_with_runtime(body)
     # the hub has no connection of its own (through PgBouncer: no LISTEN at all, polling)
     assert len(listen) == (1 if expect_listeners() else 0) and sse_own == []
-    assert len(running) == 1 and running[0]["subscribers"] == 5  # 4 runtime topics + the hub
+    assert running == [runtimes] and runtimes["subscribers"] == 5  # 4 runtime topics + the hub

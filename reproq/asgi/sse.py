@@ -735,12 +735,16 @@ def hubs() -> list[EventHub]:
 
 async def close_hub() -> None:
     """Stop this loop's hub (tests, shutdown)."""
+    from ..runtime import notifier as notifiers
+
     hub = _hubs.pop(asyncio.get_running_loop(), None)
     for task in (hub.task, hub.watchdog) if hub is not None else ():
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+    if hub is not None:  # its notifier too, unless the runtime still listens on it
+        await notifiers.stop_if_unused(hub.alias)
 
 
 # --------------------------------------------------------------------------- the stream
