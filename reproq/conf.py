@@ -343,8 +343,9 @@ def load_runtime_settings(
                 f"REPROQ_RUNTIME['LISTEN'] (from {sources['listen']})",
                 "True contradicts CONNECTION_MODE 'pgbouncer' (a transaction pooler does not "
                 "deliver notifications)", "leave LISTEN unset, or use CONNECTION_MODE 'direct'"))
-        good["listen"] = False
-        sources["listen"] = f"CONNECTION_MODE 'pgbouncer' (from {sources['connection_mode']})"
+        mode_source = f"CONNECTION_MODE 'pgbouncer' (from {sources['connection_mode']})"
+        if good.get("listen") is not False:  # unset: the mode decides (an explicit False stays)
+            good["listen"], sources["listen"] = False, mode_source
         # ... and leadership by a row lease: a session advisory lock needs a session
         if good.get("leader") == "advisory" and sources["leader"] != "default":
             problems.append(Problem(
@@ -352,8 +353,8 @@ def load_runtime_settings(
                 "'advisory' contradicts CONNECTION_MODE 'pgbouncer' (a session advisory lock "
                 "outlives the transaction a pooler lends)",
                 "leave LEADER unset (it is 'lease' then), or use CONNECTION_MODE 'direct'"))
-        good["leader"] = "lease"
-        sources["leader"] = f"CONNECTION_MODE 'pgbouncer' (from {sources['connection_mode']})"
+        if good.get("leader") != "lease":
+            good["leader"], sources["leader"] = "lease", mode_source
     rs = RuntimeSettings(**good, sources=sources)
     if rs.heartbeat_seconds >= rs.lease_seconds:
         problems.append(Problem("REPROQ_RUNTIME['HEARTBEAT_SECONDS']",
