@@ -75,13 +75,29 @@ class _Subscriptions:
             self.deliver(topic, None)
 
 
-class PostgresNotifier:
+class _Delivering:
+    """What both notifiers share: their subscribers, and delivery of a payload to them."""
+
+    def __init__(self) -> None:
+        self.subs = _Subscriptions()
+
+    def subscribe(self, topic: Topic, callback: Callback) -> Unsubscribe:
+        return self.subs.add(topic, callback)
+
+    def dispatch(self, payload: str) -> None:
+        """Deliver one notification payload (unknown topics are ignored)."""
+        parsed = decode(payload)
+        if parsed is not None:
+            self.subs.deliver(*parsed)
+
+
+class PostgresNotifier(_Delivering):
     """One LISTEN connection for the process (see the module docstring)."""
 
     def __init__(self, alias: str, *, application_name: str = "reproq-listen") -> None:
+        super().__init__()
         self.alias = alias
         self.application_name = application_name[:63]
-        self.subs = _Subscriptions()
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self.backend_pid: int | None = None
         self.connections = 0
@@ -95,14 +111,6 @@ class PostgresNotifier:
 
     async def wait_connected(self) -> None:
         await self._connected.wait()
-
-    def subscribe(self, topic: Topic, callback: Callback) -> Unsubscribe:
-        return self.subs.add(topic, callback)
-
-    def dispatch(self, payload: str) -> None:
-        parsed = decode(payload)
-        if parsed is not None:
-            self.subs.deliver(*parsed)
 
     async def run(self) -> None:
         delay = 0.1
@@ -154,14 +162,15 @@ class PostgresNotifier:
                 "subscribers": self.subs.count(), "error": self.error}
 
 
-class PollNotifier:
-    """No LISTEN: every `interval` seconds, every subscriber is told to look for itself."""
+class PollNotifier(_Delivering):
+    """No LISTEN: every `interval` seconds, every subscriber is told to look for itself (a
+    payload handed to `dispatch` is still delivered)."""
 
     def __init__(self, interval: float = 1.0) -> None:
         if not interval > 0:
             raise ValueError(f"a poll interval must be > 0 seconds, got {interval!r}")
+        super().__init__()
         self.interval = float(interval)
-        self.subs = _Subscriptions()
         self.ticks = 0
 
     @property
@@ -170,15 +179,6 @@ class PollNotifier:
 
     async def wait_connected(self) -> None:
         return None
-
-    def subscribe(self, topic: Topic, callback: Callback) -> Unsubscribe:
-        return self.subs.add(topic, callback)
-
-    def dispatch(self, payload: str) -> None:
-        """Notifications do not reach a PollNotifier; a payload handed in is delivered."""
-        parsed = decode(payload)
-        if parsed is not None:
-            self.subs.deliver(*parsed)
 
     async def run(self) -> None:
         while True:
