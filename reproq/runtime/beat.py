@@ -35,6 +35,7 @@ import psycopg
 from .. import db, sql
 from ..cron import CronSchedule, InvalidSchedule, Plan, plan
 from .ports import NotLeader
+from .stoploop import StopLoop
 
 if TYPE_CHECKING:
     from ..backend import ReproqBackend
@@ -219,7 +220,7 @@ class _Due:
     options: tuple[int, int, float | None, str | None, int | None]
 
 
-class Beat:
+class Beat(StopLoop):
     """The beat service of one process (see the module docstring): fires while `peer` leads."""
 
     name = "beat"
@@ -234,9 +235,7 @@ class Beat:
         self.role = "stopped"
         self.ticks = 0  # runs enqueued by this process
         self.skipped = 0  # ticks recorded without a run (overlap) and fires skipped (misfire)
-        self._stopping = False
-        self._wake: anyio.Event | None = None
-        self._exited: anyio.Event | None = None
+        self._init_stop()
         self._broken: dict[int, float] = {}
 
     @property
@@ -256,9 +255,7 @@ class Beat:
     # ------------------------------------------------------------------ service
     async def run(self) -> None:
         """Fire due ticks whenever the peer leads, until `stop()`."""
-        self._wake, self._exited = anyio.Event(), anyio.Event()
-        if self._stopping:
-            self._wake.set()
+        self._events()
         unsubscribe = self.peer.subscribe(lambda _leading: self._poke())
         try:
             while not self._stopping:
@@ -279,27 +276,11 @@ class Beat:
         finally:
             unsubscribe()
             self.role = "stopped"
-            self._exited.set()
+            self._ended()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop firing; returns once `run` has returned (at most `timeout` seconds)."""
-        self._stopping = True
-        self._poke()
-        if self._exited is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
-                await self._exited.wait()
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    async def _sleep(self, seconds: float) -> None:
-        if seconds <= 0 or self._wake is None:
-            return
-        with anyio.move_on_after(seconds):
-            await self._wake.wait()
-        if not self._stopping:
-            self._wake = anyio.Event()
+        await self._stop_and_wait(timeout)
 
     async def _execute(self, conn: psycopg.AsyncConnection, query: str,
                        params: dict[str, Any]) -> list[dict[str, Any]]:

@@ -55,6 +55,7 @@ import psycopg
 
 from .. import db, sql
 from .ports import NotLeader, Peer, Unsubscribe
+from .stoploop import StopLoop
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -266,7 +267,7 @@ class ElectedPeer(Peer, Protocol):
         ...
 
 
-class _PeerBase:
+class _PeerBase(StopLoop):
     """What both peers share: the trust deadline, subscribers, status, the stop signal."""
 
     kind = ""
@@ -287,11 +288,9 @@ class _PeerBase:
         self.holder = ""
         self._leader = False
         self._trust_until = 0.0
-        self._stopping = False
+        self._init_stop()
         self._doubt = ""
         self._subscribers: list[Callable[[bool], None]] = []
-        self._wake: anyio.Event | None = None
-        self._exited: anyio.Event | None = None
 
     # ------------------------------------------------------------------ settings
     @property
@@ -325,11 +324,7 @@ class _PeerBase:
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop competing; a leader gives leadership up (a standby takes over at its next
         try). Returns once `run` has returned (at most `timeout` seconds)."""
-        self._stopping = True
-        self._poke()
-        if self._exited is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
-                await self._exited.wait()
+        await self._stop_and_wait(timeout)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -343,24 +338,6 @@ class _PeerBase:
         }
 
     # ------------------------------------------------------------------ internals
-    def _events(self) -> None:
-        self._wake, self._exited = anyio.Event(), anyio.Event()
-        if self._stopping:
-            self._wake.set()
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, or less when stopped or poked (a doubt raised by `leading()`)."""
-        if seconds <= 0 or self._wake is None:
-            return
-        with anyio.move_on_after(seconds):
-            await self._wake.wait()
-        if not self._stopping:
-            self._wake = anyio.Event()
-
     def _trust(self, sent: float) -> None:
         # The lease (or the server's idle_session_timeout) runs LEADER_TIMEOUT from a moment
         # after `sent`: until sent + timeout nobody else can have taken over. 10% margin.
@@ -512,8 +489,7 @@ class AdvisoryLockPeer(_PeerBase):
                 await self._compete_after(was_leader)
         finally:
             self.role = "stopped"
-            if self._exited is not None:
-                self._exited.set()
+            self._ended()
 
     async def _compete(self, conn: psycopg.AsyncConnection) -> bool:
         """Standby loop on one connection; returns True if it led (then stopped)."""
@@ -584,8 +560,7 @@ class AdvisoryLockPeer(_PeerBase):
             finally:
                 await self._resign(conn)
         finally:
-            if self._exited is not None:
-                self._exited.set()
+            self._ended()
             await self._close(conn)
 
     async def _hold_quietly(self, conn: psycopg.AsyncConnection) -> None:
@@ -697,8 +672,7 @@ class LeasePeer(_PeerBase):
                     await self._resign()
             self.role = "stopped"
             await self._close_pool()
-            if self._exited is not None:
-                self._exited.set()
+            self._ended()
 
     async def _elect(self) -> bool:
         sent = time.monotonic()
@@ -753,8 +727,7 @@ class LeasePeer(_PeerBase):
             finally:
                 await self._resign()
         finally:
-            if self._exited is not None:
-                self._exited.set()
+            self._ended()
             await self._close_pool()
 
     async def _hold_quietly(self) -> None:
