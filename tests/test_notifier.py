@@ -113,6 +113,7 @@ def test_the_runtime_and_the_dashboard_hub_share_one_listen_connection():
     from reproq.asgi import sse
 
     async def body(rt):
+        sse.reset_shutdown()  # a serving period (an earlier test may have ended one)
         hub = sse.get_hub()
         await hub.start()
         from django.http import QueryDict
